@@ -1,0 +1,30 @@
+# One project-local virtual environment with pinned packages (requirements.lock).
+# `make install` is idempotent: it re-runs only when the lock or pyproject changes.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first: deepspeed's build needs it importable (no build isolation,
+	# so no second multi-GB torch is fetched into a build environment).
+	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PIP) install --quiet --no-build-isolation -r requirements.lock
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+# The whole test suite. Exit code 5 (no tests collected) is a failure.
+test: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) .pytest_cache
