@@ -1,0 +1,275 @@
+"""The packed multi-subject trainer: many subjects per step on one frozen backbone.
+
+Each subject owns one (embed, head) parameter pair in a `ConceptBank`. A step
+holds `batch_size` samples of every subject still in its epoch; the loss is the
+sum over subjects of each subject's mean answer-token cross-entropy, so a
+subject's gradient does not depend on which other subjects share its step,
+and a subject absent from a step has no gradient, hence no AdamW update and no
+weight decay.
+
+Frozen work is done once: projected image features are cached per photo and
+flip; within a step, the prefix every subject shares (system prompt + photo)
+is run once per distinct photo without grad, and its KV cache reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from yollava.backbone import Backbone
+from yollava.batching import right_pad, token_logprobs
+from yollava.concept_model import ConceptLM, ConceptRows, ConceptTable
+from yollava.prompt import Encoded, PromptEncoder
+from yollava.recipe import PhotoRef, RecipeConfig, Sample, TrainingSet
+from yollava.scoring import says_yes
+from yollava.templates import RECOGNITION_EVAL_QUESTION
+from yollava.tokens import ConceptTokens
+
+log = logging.getLogger(__name__)
+ImageLoader = Callable[[str], Image.Image]
+
+
+class ConceptBank(nn.Module):
+    """One (embed, head) parameter pair per subject, (k+1, d) each, fp32."""
+
+    def __init__(self, backbone: Backbone, seed: int = 0):
+        super().__init__()
+        self.embed = nn.ParameterDict()
+        self.head = nn.ParameterDict()
+        self.tokens: dict[str, ConceptTokens] = {}
+        self.seed = seed
+        w_e = backbone.embed_tokens.weight.detach().float()
+        w_h = backbone.lm_head.weight.detach().float()
+        self._init = (w_e.mean(0), w_e.std(0).mean(), w_h.mean(0), w_h.std(0).mean())  # (d,), (), (d,), ()
+
+    def add(self, name: str, num_latent: int, rows: ConceptRows | None = None) -> None:
+        """A new subject: from `rows` (resume) or near the mean base row, seeded by name."""
+        tokens = ConceptTokens(name, num_latent)
+        if rows is None:
+            g = torch.Generator().manual_seed(_stable_seed(f"{self.seed}:{name}"))
+            mu_e, sd_e, mu_h, sd_h = self._init
+            n, d = tokens.num_tokens, mu_e.shape[0]
+            embed = mu_e + 0.1 * sd_e * torch.randn(n, d, generator=g)
+            head = mu_h + 0.1 * sd_h * torch.randn(n, d, generator=g)
+        else:
+            embed, head = rows.embed.detach().float(), rows.head.detach().float()
+        dev = self._init[0].device
+        self.embed[name] = nn.Parameter(embed.clone().to(dev))
+        self.head[name] = nn.Parameter(head.clone().to(dev))
+        self.tokens[name] = tokens
+
+    def rows(self, name: str) -> ConceptRows:
+        return ConceptRows(self.tokens[name], self.embed[name], self.head[name])
+
+    def snapshot(self, name: str) -> ConceptRows:
+        return ConceptRows(self.tokens[name], self.embed[name].detach().clone(),
+                           self.head[name].detach().clone())
+
+
+class FeatureCache:
+    """Projected image features per (photo, flip), computed once."""
+
+    def __init__(self, backbone: Backbone, load: ImageLoader, batch_size: int = 16):
+        self.backbone, self.load, self.batch_size = backbone, load, batch_size
+        self._feats: dict[PhotoRef, Tensor] = {}
+        self.computed = 0
+
+    def get(self, refs: Sequence[PhotoRef]) -> Tensor:
+        """(N,) refs -> (N, n_img, d) features."""
+        missing = list(dict.fromkeys(r for r in refs if r not in self._feats))
+        for i in range(0, len(missing), self.batch_size):
+            chunk = missing[i:i + self.batch_size]
+            photos = [self._photo(r) for r in chunk]
+            feats = self.backbone.image_features(self.backbone.preprocess(photos))  # (n, n_img, d)
+            self._feats.update(zip(chunk, feats))
+            self.computed += len(chunk)
+        return torch.stack([self._feats[r] for r in refs])
+
+    def _photo(self, ref: PhotoRef) -> Image.Image:
+        im = self.load(ref.key).convert("RGB")
+        return ImageOps.mirror(im) if ref.flip else im
+
+
+@dataclass
+class SubjectResult:
+    name: str
+    rows: ConceptRows
+    best_epoch: int
+    metrics: dict
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Item:
+    sample: Sample
+    enc: Encoded
+
+
+class PackedTrainer:
+    def __init__(self, backbone: Backbone, config: RecipeConfig, load_image: ImageLoader,
+                 share_prefix: bool = True, progress: bool = True):
+        self.backbone, self.config = backbone, config
+        self.lm = ConceptLM(backbone)
+        self.encoder = PromptEncoder.for_backbone(backbone)
+        self.features = FeatureCache(backbone, load_image)
+        self.share_prefix = share_prefix
+        self.progress = progress
+
+    # -- one step -------------------------------------------------------------------------
+    def step_loss(self, items: Sequence[_Item], bank: ConceptBank) -> dict[str, Tensor]:
+        """Mean answer-token cross-entropy of each subject present in `items`."""
+        photo_items = [it for it in items if it.sample.photo is not None]
+        text_items = [it for it in items if it.sample.photo is None]
+        logps, subjects = [], []
+        if photo_items:
+            run = self._photo_rows_shared if self.share_prefix else self._rows_full
+            logps.append(run(photo_items, bank))
+            subjects += [it.sample.subject for it in photo_items]
+        if text_items:
+            logps.append(self._rows_full(text_items, bank))
+            subjects += [it.sample.subject for it in text_items]
+        losses: dict[str, list[Tensor]] = {}
+        for (lp, rows), group in zip(logps, _groups(photo_items, text_items)):
+            for b, it in enumerate(group):
+                losses.setdefault(it.sample.subject, []).append(-lp[rows == b])
+        return {s: torch.cat(v).mean() for s, v in losses.items()}
+
+    def _table(self, items: Sequence[_Item], bank: ConceptBank) -> ConceptTable:
+        bb = self.backbone
+        return ConceptTable.build([[bank.rows(it.sample.subject)] for it in items], bb.hidden_size, bb.dtype,
+                                  bb.device)
+
+    def _rows_full(self, items: Sequence[_Item], bank: ConceptBank) -> tuple[Tensor, Tensor]:
+        """Whole sequences, no sharing -> (logp (N,), row (N,))."""
+        batch = right_pad([it.enc for it in items], device=self.backbone.device)
+        refs = [it.sample.photo for it in items if it.sample.photo is not None]
+        feats = self.features.get(refs) if refs else None
+        table = self._table(items, bank)
+        x = self.lm.embed(batch.ids, table, feats, batch.image_mask)
+        h, _ = self.lm.hidden(x, batch.mask)
+        return token_logprobs(self.lm, h, batch.labels, table)
+
+    def _photo_rows_shared(self, items: Sequence[_Item], bank: ConceptBank) -> tuple[Tensor, Tensor]:
+        """Prefix (system + photo) once per distinct photo, then every row's suffix."""
+        P = items[0].enc.prefix_len
+        if any(it.enc.prefix_len != P or it.enc.ids[:P] != items[0].enc.ids[:P] for it in items):
+            raise ValueError("photo samples of one step must share the prefix layout")
+        refs = list(dict.fromkeys(it.sample.photo for it in items))
+        which = torch.tensor([refs.index(it.sample.photo) for it in items], device=self.backbone.device)
+        prefix = right_pad([_truncate(items[0].enc, P)] * len(refs), device=self.backbone.device)
+        empty = ConceptTable.build([[]] * len(refs), self.backbone.hidden_size, self.backbone.dtype,
+                                   self.backbone.device)
+        with torch.no_grad():
+            x = self.lm.embed(prefix.ids, empty, self.features.get(refs), prefix.image_mask)
+            _, cache = self.lm.hidden(x, prefix.mask, use_cache=True)  # (U, ...) per layer
+        cache.reorder_cache(which)  # (B, ...): each row gets its photo's prefix
+        suffix = right_pad([it.enc for it in items], start=P, device=self.backbone.device)
+        if bool(suffix.image_mask.any()):
+            raise ValueError("a photo after the concept definition cannot share the prefix")
+        table = self._table(items, bank)
+        mask = torch.cat([torch.ones(len(items), P, dtype=suffix.mask.dtype, device=suffix.mask.device),
+                          suffix.mask], dim=1)  # (B, P + Ts)
+        pos = P + torch.arange(suffix.ids.shape[1], device=suffix.ids.device).expand_as(suffix.ids)
+        h, _ = self.lm.hidden(self.lm.embed(suffix.ids, table), mask, pos, cache, use_cache=True)
+        return token_logprobs(self.lm, h, suffix.labels, table)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self, sets: Sequence[TrainingSet], bank: ConceptBank | None = None,
+            on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, SubjectResult]:
+        cfg = self.config
+        bank = bank or ConceptBank(self.backbone, seed=cfg.seed)
+        for ts in sets:
+            if ts.subject not in bank.tokens:
+                bank.add(ts.subject, cfg.num_latent)
+        opt = torch.optim.AdamW(bank.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        items = {ts.subject: [self._item(s) for s in ts.train] for ts in sets}
+        best: dict[str, SubjectResult] = {}
+        steps_per_epoch = max(-(-len(v) // cfg.batch_size) for v in items.values())
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"training {len(sets)} subject(s)",
+                   disable=not self.progress, unit="step")
+        for epoch in range(1, cfg.epochs + 1):
+            t0, sums = time.perf_counter(), {s: [] for s in items}
+            for step_items in self._epoch_steps(items, epoch):
+                opt.zero_grad(set_to_none=True)
+                losses = self.step_loss(step_items, bank)
+                sum(losses.values()).backward()
+                opt.step()
+                for s, l in losses.items():
+                    sums[s].append(l.item())
+                bar.update(1)
+            report = self._end_epoch(epoch, sets, bank, sums, best)
+            bar.set_postfix(loss=round(sum(r["loss"] for r in report.values()) / len(report), 4),
+                            s=round(time.perf_counter() - t0, 1))
+            if on_epoch:
+                on_epoch(epoch, report)
+        bar.close()
+        return best
+
+    def _item(self, s: Sample) -> _Item:
+        return _Item(s, self.encoder.encode(s.messages, [ConceptTokens(s.subject, self.config.num_latent)]))
+
+    def _epoch_steps(self, items: dict[str, list[_Item]], epoch: int):
+        """Each subject's samples shuffled by its own seed, `batch_size` of each per step."""
+        order = {}
+        for s, its in items.items():
+            its = its[:]
+            random.Random(f"{self.config.seed}:{s}:{epoch}").shuffle(its)
+            order[s] = its
+        bs = self.config.batch_size
+        n = max(len(v) for v in order.values())
+        for i in range(0, n, bs):
+            step = [it for v in order.values() for it in v[i:i + bs]]
+            if step:
+                yield step
+
+    def _end_epoch(self, epoch, sets, bank, sums, best) -> dict[str, dict]:
+        report = {}
+        for ts in sets:
+            metrics = {"epoch": epoch, "loss": sum(sums[ts.subject]) / max(1, len(sums[ts.subject]))}
+            if ts.holdout:
+                metrics.update(self.holdout_accuracy(ts, bank.rows(ts.subject)))
+            prev = best.get(ts.subject)
+            score = metrics.get("weighted", -metrics["loss"])
+            if prev is None or score >= prev.metrics.get("weighted", -prev.metrics["loss"]):
+                best[ts.subject] = SubjectResult(ts.subject, bank.snapshot(ts.subject), epoch, metrics,
+                                                 prev.history if prev else [])
+            best[ts.subject].history.append(metrics)
+            report[ts.subject] = metrics
+        return report
+
+    @torch.no_grad()
+    def holdout_accuracy(self, ts: TrainingSet, rows: ConceptRows) -> dict[str, float]:
+        """Recognition on held-out samples by log p("Yes") against log p("No")."""
+        hits = {"positive": [], "negative": []}
+        q = RECOGNITION_EVAL_QUESTION.format(c=f"<{ts.subject}>")
+        for s in ts.holdout:
+            yes, _ = says_yes(self.lm, self.encoder, q, [rows], self.features.get([s.photo]))
+            hits[s.kind].append(yes == (s.kind == "positive"))
+        out = {f"{k}_acc": sum(v) / len(v) for k, v in hits.items() if v}
+        accs = list(out.values())
+        out["weighted"] = sum(accs) / len(accs)
+        return out
+
+
+def _groups(photo_items, text_items):
+    return [g for g in (photo_items, text_items) if g]
+
+
+def _truncate(enc: Encoded, n: int) -> Encoded:
+    return Encoded(enc.ids[:n], enc.image_mask[:n], [-100] * n, enc.num_images, n, [])
+
+
+def _stable_seed(text: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
