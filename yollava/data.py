@@ -111,6 +111,8 @@ class Conversation:
 
 @dataclass(frozen=True)
 class Subject:
+    """One subject's photos, each list in natural file-name order."""
+
     name: str
     train_images: list[Path]
     test_images: list[Path]
@@ -316,7 +318,7 @@ def resolve_image_path(root: Path, raw: str) -> Path:
 
 def _inside(root: Path, path: Path, shown: object) -> Path:
     """`path` if it resolves inside `root` (symlinks followed), else DatasetError."""
-    if not path.resolve().is_relative_to(root):
+    if not path.resolve().is_relative_to(root.resolve()):
         raise DatasetError(f"path {str(shown)!r} resolves outside the dataset root {str(root)!r}")
     return path
 
@@ -342,6 +344,8 @@ def _discover_subjects(root: Path, subjects: Iterable[str] | None) -> list[str]:
                if p.is_dir() and not p.name.startswith(".")}
     if subjects is None:
         return sorted(present, key=natural_key)
+    if isinstance(subjects, str):
+        raise TypeError(f"subjects must be a list of names, not the string {subjects!r}")
     wanted = [_check_subject_name(s) for s in subjects]
     missing = [s for s in wanted if s not in present]
     if missing:
@@ -441,3 +445,12 @@ def _load_conversations(root: Path, subjects: dict[str, Subject],
                  for raw in read_conversations(path)]
         out[subject] = sorted(convs, key=lambda c: natural_key(str(c.image.relative_to(root))))
     return out
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly in `folder` (no sub-folders, no hidden files), natural order."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"photo folder {str(folder)!r} is not a directory")
+    root = path.resolve()
+    return _list_images(root, root)

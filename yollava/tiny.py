@@ -6,6 +6,8 @@ No download: the tokenizer is a byte-level BPE trained here on a fixed corpus
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -53,24 +55,41 @@ def build_tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int) -> LlavaConfig:
+@dataclass(frozen=True)
+class TinySizes:
+    """Shapes of a small LLaVA; the defaults are the `tiny` test backbone."""
+
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    image_size: int = TINY_IMAGE_SIZE
+    patch: int = TINY_PATCH
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    vocab_size: int | None = None  # None: the tokenizer's size; larger leaves unused rows
+
+
+def build_tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int,
+                      sizes: TinySizes = TinySizes()) -> LlavaConfig:
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=TINY_IMAGE_SIZE,
-        patch_size=TINY_PATCH,
-        projection_dim=32,
+        hidden_size=sizes.vision_hidden,
+        intermediate_size=2 * sizes.vision_hidden,
+        num_hidden_layers=sizes.vision_layers,
+        num_attention_heads=sizes.vision_heads,
+        image_size=sizes.image_size,
+        patch_size=sizes.patch,
+        projection_dim=sizes.vision_hidden,
     )
     text = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
+        vocab_size=sizes.vocab_size or vocab_size,
+        hidden_size=sizes.text_hidden,
+        intermediate_size=2 * sizes.text_hidden,
+        num_hidden_layers=sizes.text_layers,
+        num_attention_heads=sizes.text_heads,
+        num_key_value_heads=sizes.text_kv_heads,
+        max_position_embeddings=2048,
         pad_token_id=pad_token_id,
         tie_word_embeddings=False,
     )
@@ -85,23 +104,21 @@ def build_tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int) -
     )
 
 
-def build_tiny_image_processor() -> CLIPImageProcessor:
-    return CLIPImageProcessor(
-        size={"shortest_edge": TINY_IMAGE_SIZE},
-        crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
-    )
+def build_tiny_image_processor(size: int = TINY_IMAGE_SIZE) -> CLIPImageProcessor:
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def build_tiny_llava(seed: int = 0):
-    """(model, tokenizer, image_processor) of a random tiny LLaVA, deterministic in `seed`."""
+def build_tiny_llava(seed: int = 0, sizes: TinySizes = TinySizes()):
+    """(model, tokenizer, image_processor) of a random small LLaVA, deterministic in `seed`."""
     tokenizer = build_tiny_tokenizer()
     config = build_tiny_config(
         vocab_size=len(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
+        sizes=sizes,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
     model.eval()
-    return model, tokenizer, build_tiny_image_processor()
+    return model, tokenizer, build_tiny_image_processor(sizes.image_size)

@@ -1,0 +1,210 @@
+"""Evaluate concepts and baselines on the Yo'LLaVA benchmark layout.
+
+    python -m yollava.evaluate --data DIR --concepts DIR --model ID [--out DIR]
+        [--methods concept,vanilla,description,photo] [--generate]
+
+Recognition: for each subject, its test photos are positives and the other
+subjects' test photos negatives; "yes" is decided by log p("Yes") > log p("No")
+(and, with --generate, also by parsing a generated answer). Multiple-choice
+QA: log p("A") against log p("B"), with the photo (visual) and without (text).
+Baselines on the same harness: vanilla (the name with no concept), a text
+description in the prompt (written by the base model from a training photo),
+and a training photo in the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from yollava.artifacts import load_concept
+from yollava.backbone import Backbone, load_backbone
+from yollava.concept_model import ConceptLM, ConceptRows
+from yollava.data import QAItem, YollavaDataset, load_image, recognition_split
+from yollava.generate import GenerationRequest, Generator, SamplingParams
+from yollava.metrics import QAResult, RecognitionResult, markdown_table, parse_yes_no
+from yollava.prompt import Message, PromptEncoder
+from yollava.recipe import PhotoRef
+from yollava.scoring import answer_logprobs
+from yollava.templates import RECOGNITION_EVAL_QUESTION
+from yollava.trainer import FeatureCache
+
+log = logging.getLogger("yollava.evaluate")
+METHODS = ("concept", "vanilla", "description", "photo")
+QA_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+DESCRIBE = "Describe the main subject of this photo in one sentence."
+
+
+@dataclass
+class Prompting:
+    """How one method asks about a subject: leading turns, concepts, leading photos."""
+
+    lead: list[Message]
+    concepts: list[ConceptRows]
+    photos: list[PhotoRef]
+
+
+class Evaluator:
+    def __init__(self, backbone: Backbone, dataset: YollavaDataset, concepts: dict[str, ConceptRows],
+                 generate: bool = False, progress: bool = True):
+        self.backbone, self.dataset, self.concepts = backbone, dataset, concepts
+        self.lm = ConceptLM(backbone)
+        self.encoder = PromptEncoder.for_backbone(backbone)
+        self.features = FeatureCache(backbone, load_image)
+        self.generator = Generator(backbone)
+        self.generate, self.progress = generate, progress
+        self._descriptions: dict[str, str] = {}
+
+    def prompting(self, method: str, subject: str) -> Prompting | None:
+        s = self.dataset.subjects[subject]
+        c = f"<{subject}>"
+        if method == "concept":
+            rows = self.concepts.get(subject)
+            return Prompting([], [rows], []) if rows is not None else None
+        if method == "vanilla":
+            return Prompting([], [], [])
+        if not s.train_images:
+            return None
+        if method == "description":
+            return Prompting([Message("user", f"{c} is {self.describe(subject)}"),
+                              Message("assistant", f"Understood, that is {c}.")], [], [])
+        if method == "photo":
+            return Prompting([Message("user", f"This is {c}.", images=1),
+                              Message("assistant", f"Understood, that is {c}.")], [],
+                             [PhotoRef(str(s.train_images[0]))])
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+
+    def describe(self, subject: str) -> str:
+        if subject not in self._descriptions:
+            photo = load_image(self.dataset.subjects[subject].train_images[0])
+            out = self.generator.generate([GenerationRequest([Message("user", DESCRIBE, 1)], [], [photo],
+                                                             SamplingParams(max_new_tokens=48, stop=("\n",)))])
+            self._descriptions[subject] = out[0].text.strip() or "a subject."
+        return self._descriptions[subject]
+
+    def _score(self, p: Prompting, question: str, photo: PhotoRef | None, candidates: Sequence[str]):
+        photos = p.photos + ([photo] if photo else [])
+        feats = self.features.get(photos) if photos else None
+        msgs = [*p.lead, Message("user", question, images=1 if photo else 0)]
+        return answer_logprobs(self.lm, self.encoder, msgs, candidates, p.concepts, feats)
+
+    def recognition(self, p: Prompting, subject: str) -> dict:
+        pos, neg = recognition_split(self.dataset, subject)
+        q = RECOGNITION_EVAL_QUESTION.format(c=f"<{subject}>")
+        pairs, gen_pairs = [], []
+        for path, truth in [(x, True) for x in pos] + [(x, False) for x in neg]:
+            lp = self._score(p, q, PhotoRef(str(path)), ["Yes", "No"])
+            pairs.append((truth, bool(lp[0] > lp[1])))
+            if self.generate:
+                gen_pairs.append((truth, parse_yes_no(self._generate(p, q, path))))
+        out = {"likelihood": RecognitionResult.from_predictions(pairs).to_dict()}
+        if self.generate:
+            out["generated"] = RecognitionResult.from_predictions(gen_pairs).to_dict()
+        return out
+
+    def _generate(self, p: Prompting, question: str, path: Path) -> str:
+        photos = [load_image(r.key) for r in p.photos] + [load_image(path)]
+        req = GenerationRequest([*p.lead, Message("user", question, images=1)], p.concepts, photos,
+                                SamplingParams(max_new_tokens=16))
+        return self.generator.generate([req])[0].text
+
+    def qa(self, p: Prompting, items: Sequence[QAItem], visual: bool) -> dict:
+        pairs = []
+        for it in items:
+            opts = "\n".join(f"{k}. {v}" for k, v in sorted(it.options.items()))
+            q = f"{it.question}\n{opts}{QA_SUFFIX}"
+            keys = sorted(it.options)
+            lp = self._score(p, q, PhotoRef(str(it.image)) if visual else None, keys)
+            pairs.append((keys[int(lp.argmax())], it.answer))
+        return QAResult.from_predictions(pairs).to_dict()
+
+    @torch.no_grad()
+    def run(self, methods: Sequence[str]) -> dict:
+        results: dict = {}
+        jobs = [(m, s) for m in methods for s in self.dataset.subjects]
+        for method, subject in tqdm(jobs, desc="evaluating", disable=not self.progress):
+            p = self.prompting(method, subject)
+            if p is None:
+                log.warning("method %s has nothing for subject %s: skipped", method, subject)
+                continue
+            items = [q for q in self.dataset.qa if q.subject == subject]
+            results.setdefault(method, {})[subject] = {
+                "recognition": self.recognition(p, subject),
+                "qa_visual": self.qa(p, items, visual=True),
+                "qa_text": self.qa(p, items, visual=False),
+            }
+        return {"model": self.backbone.model_id, "methods": results, "summary": summarize(results)}
+
+
+def summarize(results: dict) -> list[dict]:
+    """One row per method: mean over subjects of each figure (None where none exist)."""
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else None
+
+    rows = []
+    for method, subjects in results.items():
+        rec = [v["recognition"]["likelihood"] for v in subjects.values()]
+        rows.append({"method": method, "subjects": len(subjects),
+                     "positive": mean(r["positive_accuracy"] for r in rec),
+                     "negative": mean(r["negative_accuracy"] for r in rec),
+                     "weighted": mean(r["weighted_accuracy"] for r in rec),
+                     "visual_qa": mean(v["qa_visual"]["accuracy"] for v in subjects.values()),
+                     "text_qa": mean(v["qa_text"]["accuracy"] for v in subjects.values())})
+    return rows
+
+
+TABLE_COLUMNS = ["method", "subjects", "positive", "negative", "weighted", "visual_qa", "text_qa"]
+
+
+def load_concepts(folder: str | Path | None, backbone: Backbone) -> dict[str, ConceptRows]:
+    """Every `<folder>/<name>/manifest.json` concept, checked against this backbone."""
+    if not folder:
+        return {}
+    out = {}
+    for manifest in sorted(Path(folder).glob("*/manifest.json")):
+        art = load_concept(manifest.parent, expect_fingerprint=backbone.fingerprint)
+        out[art.name] = art.rows
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m yollava.evaluate", description=__doc__.split("\n")[1])
+    ap.add_argument("--data", required=True, help="dataset root in the Yo'LLaVA layout")
+    ap.add_argument("--concepts", help="folder of trained concepts (<name>/manifest.json)")
+    ap.add_argument("--model", required=True, help="HF id, local path, or tiny")
+    ap.add_argument("--out", default="eval-results", help="folder for results.json and results.md")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--subjects", help="comma-separated subset")
+    ap.add_argument("--generate", action="store_true", help="also parse generated yes/no answers")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        ap.error(f"--methods: unknown {bad}; choose from {list(METHODS)}")
+    backbone = load_backbone(args.model, dtype=args.dtype, device=args.device)
+    subjects = args.subjects.split(",") if args.subjects else None
+    dataset = YollavaDataset.load(args.data, subjects)
+    result = Evaluator(backbone, dataset, load_concepts(args.concepts, backbone), args.generate).run(methods)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    table = markdown_table(result["summary"], TABLE_COLUMNS)
+    (out / "results.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""From photos to trained concepts on one machine: mining, recipe, packed training.
+
+`cluster/` runs the same functions inside Ray workers; this module knows
+nothing of Ray or storage: images come from a loader by key, results go back
+to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from yollava import templates
+from yollava.artifacts import ConceptArtifact
+from yollava.backbone import Backbone
+from yollava.generate import GenerationRequest, Generator, SamplingParams
+from yollava.mining import ImageEncoder, PoolIndex, easy_negatives, mine_hard_negatives
+from yollava.prompt import Message
+from yollava.recipe import RecipeConfig, TrainingSet, build_training_set
+from yollava.tokens import check_name
+from yollava.trainer import PackedTrainer, SubjectResult
+
+log = logging.getLogger(__name__)
+ImageLoader = Callable[[str], Image.Image]
+
+
+@dataclass
+class SubjectSpec:
+    name: str
+    photos: list[str]  # image keys the loader understands
+    owner: str = "local"
+    description: str | None = None
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "name")
+        check_name(self.owner, "owner")
+        if not self.photos:
+            raise ValueError(f"subject {self.owner}/{self.name} has no photos")
+
+
+@dataclass
+class NegativePool:
+    """Pool images for negatives: ids (loader keys), and an index to mine hard ones."""
+
+    ids: list[str] = field(default_factory=list)
+    index: PoolIndex | None = None
+    encoder: ImageEncoder | None = None
+
+
+def ask_attributes(generator: Generator, photos: Sequence[Image.Image], config: RecipeConfig
+                   ) -> list[tuple[str, str]]:
+    """The base model's answers to attribute questions, each while seeing a training photo.
+
+    Returns (question template with `{c}`, answer) pairs for text-only training.
+    """
+    qs = templates.ATTRIBUTE_QUESTIONS[:config.attribute_questions]
+    if not qs:
+        return []
+    params = SamplingParams(max_new_tokens=config.max_answer_tokens, stop=("\n",))
+    reqs = [GenerationRequest([Message("user", seen, images=1)], [], [photos[i % len(photos)]], params)
+            for i, (seen, _) in enumerate(qs)]
+    answers = generator.generate(reqs)
+    return [(blind, a.text.strip()) for (_, blind), a in zip(qs, answers) if a.text.strip()]
+
+
+def choose_negatives(spec: SubjectSpec, pool: NegativePool, own: np.ndarray | None,
+                     config: RecipeConfig) -> tuple[list[str], list[str]]:
+    """(hard, easy) negative ids: nearest non-duplicates by embedding, then random others."""
+    exclude = set(spec.photos)
+    hard: list[str] = []
+    if pool.index is not None and own is not None and config.hard_negatives:
+        hard = [i for i, _ in mine_hard_negatives(pool.index, own, config.hard_negatives,
+                                                  config.near_duplicate, exclude)]
+    easy = easy_negatives(pool.ids, config.easy_negatives, exclude | set(hard), seed=config.seed)
+    return hard, easy
+
+
+def build_sets(backbone: Backbone, subjects: Sequence[SubjectSpec], load_image: ImageLoader,
+               pool: NegativePool, config: RecipeConfig) -> list[TrainingSet]:
+    generator = Generator(backbone)
+    sets = []
+    for spec in subjects:
+        photos = [load_image(p) for p in spec.photos]
+        own = pool.encoder.embed(photos) if pool.encoder is not None and pool.index is not None else None
+        hard, easy = choose_negatives(spec, pool, own, config)
+        attrs = ask_attributes(generator, photos, config)
+        sets.append(build_training_set(spec.name, spec.photos, hard, easy, attrs, config))
+        log.info("subject %s/%s: %s", spec.owner, spec.name, sets[-1].counts())
+    return sets
+
+
+def personalize(backbone: Backbone, subjects: Sequence[SubjectSpec], load_image: ImageLoader,
+                pool: NegativePool, config: RecipeConfig, progress: bool = True,
+                on_epoch=None) -> dict[str, SubjectResult]:
+    """Train every subject in one pack; returns each subject's best rows and metrics."""
+    names = [s.name for s in subjects]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a pack trains each concept name once; got {names}")
+    sets = build_sets(backbone, subjects, load_image, pool, config)
+    trainer = PackedTrainer(backbone, config, load_image, progress=progress)
+    return trainer.fit(sets, on_epoch=on_epoch)
+
+
+def to_artifact(result: SubjectResult, spec: SubjectSpec, backbone: Backbone, config: RecipeConfig,
+                version: int = 1) -> ConceptArtifact:
+    metrics = {**result.metrics, "best_epoch": result.best_epoch}
+    return ConceptArtifact(spec.owner, result.rows, backbone.model_id, backbone.fingerprint, version,
+                           recipe=config.to_dict(), metrics=metrics)
