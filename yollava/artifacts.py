@@ -110,8 +110,8 @@ def save_concept(directory: str | os.PathLike, artifact: ConceptArtifact) -> Pat
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors, manifest = artifact.to_bytes()
-    _atomic_write(d / TENSORS_FILE, tensors)
-    _atomic_write(d / MANIFEST_FILE, manifest)
+    atomic_write(d / TENSORS_FILE, tensors)
+    atomic_write(d / MANIFEST_FILE, manifest)
     return d
 
 
@@ -125,7 +125,7 @@ def load_concept(directory: str | os.PathLike, expect_fingerprint: str | None = 
                                       expect_fingerprint)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from yollava.artifacts import _atomic_write
+from yollava.artifacts import atomic_write
 from yollava.backbone import Backbone, fingerprint_weights
 
 log = logging.getLogger(__name__)
@@ -289,8 +289,8 @@ class PoolIndex:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         index, manifest = self.to_bytes()
-        _atomic_write(d / INDEX_FILE, index)
-        _atomic_write(d / IDS_FILE, manifest)
+        atomic_write(d / INDEX_FILE, index)
+        atomic_write(d / IDS_FILE, manifest)
         return d
 
     @classmethod

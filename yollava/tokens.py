@@ -13,7 +13,7 @@ DEFAULT_NUM_LATENT = 16
 
 def check_name(value: str, field: str = "name") -> str:
     """Return `value` if it is a valid owner/concept name, else raise naming the field."""
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise ValueError(
             f"{field}={value!r} is not a valid name: use 1-64 characters from "
             "a-z, 0-9, '-' and '_', starting with a letter or digit"

@@ -14,10 +14,10 @@ is run once per distinct photo without grad, and its KV cache reused.
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from yollava.backbone import Backbone
 from yollava.batching import right_pad, token_logprobs
@@ -100,6 +101,57 @@ class FeatureCache:
         return ImageOps.mirror(im) if ref.flip else im
 
 
+class PrefixCache:
+    """Prefix KV per photo, kept across steps up to a byte budget (LRU).
+
+    The prefix (system prompt + photo) depends only on frozen weights and the
+    photo, so a photo's keys and values never change during training. A photo
+    not cached (budget 0, or evicted) is recomputed in the step that needs it.
+    """
+
+    def __init__(self, budget_mb: int):
+        self.budget = budget_mb * 2**20
+        self.used = 0
+        self._kv: OrderedDict[PhotoRef, list[tuple[Tensor, Tensor]]] = OrderedDict()
+        self.computed = 0
+
+    def cache_for(self, refs: Sequence[PhotoRef], template: Encoded, trainer: "PackedTrainer") -> DynamicCache:
+        """A cache of B rows, row b holding the prefix of photo refs[b]."""
+        unique = list(dict.fromkeys(refs))
+        missing = [r for r in unique if r not in self._kv]
+        fresh = dict(zip(missing, _split_rows(trainer.prefix_kv(missing, template)))) if missing else {}
+        self.computed += len(missing)
+        per_photo = {r: fresh.get(r) or self._touch(r) for r in unique}
+        for r, kv in fresh.items():
+            self._keep(r, kv)
+        cache = DynamicCache()
+        for layer in range(len(per_photo[unique[0]])):
+            k = torch.cat([per_photo[r][layer][0] for r in refs])  # (B, h, P, dh)
+            v = torch.cat([per_photo[r][layer][1] for r in refs])
+            cache.update(k, v, layer)
+        return cache
+
+    def _touch(self, ref: PhotoRef) -> list[tuple[Tensor, Tensor]]:
+        self._kv.move_to_end(ref)
+        return self._kv[ref]
+
+    def _keep(self, ref: PhotoRef, kv: list[tuple[Tensor, Tensor]]) -> None:
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        if size > self.budget:
+            return
+        while self.used + size > self.budget:
+            _, old = self._kv.popitem(last=False)
+            self.used -= sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in old)
+        self._kv[ref] = kv
+        self.used += size
+
+
+def _split_rows(kv: list[tuple[Tensor, Tensor]]) -> list[list[tuple[Tensor, Tensor]]]:
+    """Per layer (U, ...) -> per photo, per layer (1, ...)."""
+    U = kv[0][0].shape[0]
+    return [[(k[u:u + 1], v[u:u + 1]) for k, v in kv] for u in range(U)]
+
+
 @dataclass
 class SubjectResult:
     name: str
@@ -117,12 +169,13 @@ class _Item:
 
 class PackedTrainer:
     def __init__(self, backbone: Backbone, config: RecipeConfig, load_image: ImageLoader,
-                 share_prefix: bool = True, progress: bool = True):
+                 share_prefix: bool = True, progress: bool = True, prefix_cache_mb: int = 1024):
         self.backbone, self.config = backbone, config
         self.lm = ConceptLM(backbone)
         self.encoder = PromptEncoder.for_backbone(backbone)
         self.features = FeatureCache(backbone, load_image)
         self.share_prefix = share_prefix
+        self.prefixes = PrefixCache(prefix_cache_mb)
         self.progress = progress
 
     # -- one step -------------------------------------------------------------------------
@@ -164,15 +217,8 @@ class PackedTrainer:
         P = items[0].enc.prefix_len
         if any(it.enc.prefix_len != P or it.enc.ids[:P] != items[0].enc.ids[:P] for it in items):
             raise ValueError("photo samples of one step must share the prefix layout")
-        refs = list(dict.fromkeys(it.sample.photo for it in items))
-        which = torch.tensor([refs.index(it.sample.photo) for it in items], device=self.backbone.device)
-        prefix = right_pad([_truncate(items[0].enc, P)] * len(refs), device=self.backbone.device)
-        empty = ConceptTable.build([[]] * len(refs), self.backbone.hidden_size, self.backbone.dtype,
-                                   self.backbone.device)
-        with torch.no_grad():
-            x = self.lm.embed(prefix.ids, empty, self.features.get(refs), prefix.image_mask)
-            _, cache = self.lm.hidden(x, prefix.mask, use_cache=True)  # (U, ...) per layer
-        cache.reorder_cache(which)  # (B, ...): each row gets its photo's prefix
+        refs = [it.sample.photo for it in items]
+        cache = self.prefixes.cache_for(refs, items[0].enc, self)  # (B, ...) per layer
         suffix = right_pad([it.enc for it in items], start=P, device=self.backbone.device)
         if bool(suffix.image_mask.any()):
             raise ValueError("a photo after the concept definition cannot share the prefix")
@@ -182,6 +228,17 @@ class PackedTrainer:
         pos = P + torch.arange(suffix.ids.shape[1], device=suffix.ids.device).expand_as(suffix.ids)
         h, _ = self.lm.hidden(self.lm.embed(suffix.ids, table), mask, pos, cache, use_cache=True)
         return token_logprobs(self.lm, h, suffix.labels, table)
+
+    @torch.no_grad()
+    def prefix_kv(self, refs: Sequence[PhotoRef], template: Encoded) -> list[tuple[Tensor, Tensor]]:
+        """Keys and values of the shared prefix for each photo: per layer ((U, h, P, dh), (U, h, P, dh))."""
+        P = template.prefix_len
+        prefix = right_pad([_truncate(template, P)] * len(refs), device=self.backbone.device)
+        empty = ConceptTable.build([[]] * len(refs), self.backbone.hidden_size, self.backbone.dtype,
+                                   self.backbone.device)
+        x = self.lm.embed(prefix.ids, empty, self.features.get(refs), prefix.image_mask)
+        _, cache = self.lm.hidden(x, prefix.mask, use_cache=True)
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, sets: Sequence[TrainingSet], bank: ConceptBank | None = None,

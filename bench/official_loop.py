@@ -1,0 +1,56 @@
+"""A faithful re-implementation of the official Yo'LLaVA training loop, for benchmarks.
+
+One subject at a time: add the k+1 tokens (resize the vocabulary), make the
+whole input embedding and output head trainable, batch size 1, the vision
+tower run on every step, AdamW over both whole matrices, and after every step
+the rows of all other tokens restored from a saved copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import torch
+from PIL import ImageOps
+
+from yollava.prompt import PromptEncoder
+from yollava.recipe import RecipeConfig, TrainingSet
+
+
+def train_official(backbone, ts: TrainingSet, config: RecipeConfig, load_image) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train one subject the official way; returns its (embed, head) rows, (k+1, d) each."""
+    model = copy.deepcopy(backbone.model)
+    V, n = backbone.vocab_size, config.num_latent + 1
+    model.resize_token_embeddings(V + n, mean_resizing=False)  # the new ids are V..V+k, as virtual ids
+    model.requires_grad_(False)
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    embed.requires_grad_(True)
+    head.requires_grad_(True)
+    opt = torch.optim.AdamW([embed, head], lr=config.lr, weight_decay=config.weight_decay)
+    keep = torch.ones(V + n, dtype=torch.bool)
+    keep[V:] = False  # index_no_updates
+    orig_embed, orig_head = embed.detach().clone(), head.detach().clone()
+    encoder = PromptEncoder.for_backbone(backbone)
+    from yollava.tokens import ConceptTokens
+
+    tokens = [ConceptTokens(ts.subject, config.num_latent)]
+    samples = ts.train[:]
+    for epoch in range(config.epochs):
+        random.Random(f"{config.seed}:{epoch}").shuffle(samples)
+        for s in samples:
+            enc = encoder.encode(s.messages, tokens)
+            ids = torch.tensor([enc.ids])
+            pixel_values = None
+            if s.photo is not None:
+                im = load_image(s.photo.key).convert("RGB")
+                im = ImageOps.mirror(im) if s.photo.flip else im
+                pixel_values = backbone.preprocess([im])
+            out = model(input_ids=ids, pixel_values=pixel_values, labels=torch.tensor([enc.labels]))
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                embed[keep] = orig_embed[keep]
+                head[keep] = orig_head[keep]
+    return embed.detach()[V:].clone(), head.detach()[V:].clone()

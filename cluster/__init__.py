@@ -1,0 +1,1 @@
+"""Batch personalization on Ray: requests, training jobs and the artifact store."""
