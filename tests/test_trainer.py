@@ -120,3 +120,21 @@ def test_best_epoch_uses_holdout(tiny, cfg):
     r = res["bo"]
     assert {"positive_acc", "negative_acc", "weighted"} <= set(r.metrics)
     assert r.metrics["weighted"] == max(h["weighted"] for h in r.history)
+
+
+def test_micro_batches_accumulate_to_the_same_gradient(tiny, cfg):
+    sets = make_sets(cfg)
+    tr = trainer(tiny, cfg, micro_batch=3)
+    bank = ConceptBank(tiny)
+    for ts in sets:
+        bank.add(ts.subject, cfg.num_latent)
+    items = [tr._item(s) for ts in sets for s in ts.train]
+    params = list(bank.parameters())
+    whole = tr.step_loss(items, bank)
+    expected = torch.autograd.grad(sum(whole.values()), params)
+    losses = tr.step_backward(items, bank)
+    assert len(tr._chunks(items, 3)) > 3
+    for k in whole:
+        assert abs(losses[k] - whole[k].item()) < 1e-5
+    for p, g in zip(params, expected):
+        assert torch.allclose(p.grad, g, atol=1e-6)

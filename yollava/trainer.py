@@ -169,33 +169,61 @@ class _Item:
 
 class PackedTrainer:
     def __init__(self, backbone: Backbone, config: RecipeConfig, load_image: ImageLoader,
-                 share_prefix: bool = True, progress: bool = True, prefix_cache_mb: int = 1024):
+                 share_prefix: bool = True, progress: bool = True, prefix_cache_mb: int = 1024,
+                 micro_batch: int = 0):
         self.backbone, self.config = backbone, config
         self.lm = ConceptLM(backbone)
         self.encoder = PromptEncoder.for_backbone(backbone)
         self.features = FeatureCache(backbone, load_image)
         self.share_prefix = share_prefix
+        self.micro_batch = micro_batch  # rows per forward/backward; 0 = the whole step at once
         self.prefixes = PrefixCache(prefix_cache_mb)
         self.progress = progress
 
     # -- one step -------------------------------------------------------------------------
     def step_loss(self, items: Sequence[_Item], bank: ConceptBank) -> dict[str, Tensor]:
-        """Mean answer-token cross-entropy of each subject present in `items`."""
-        photo_items = [it for it in items if it.sample.photo is not None]
-        text_items = [it for it in items if it.sample.photo is None]
-        logps, subjects = [], []
-        if photo_items:
-            run = self._photo_rows_shared if self.share_prefix else self._rows_full
-            logps.append(run(photo_items, bank))
-            subjects += [it.sample.subject for it in photo_items]
-        if text_items:
-            logps.append(self._rows_full(text_items, bank))
-            subjects += [it.sample.subject for it in text_items]
-        losses: dict[str, list[Tensor]] = {}
-        for (lp, rows), group in zip(logps, _groups(photo_items, text_items)):
-            for b, it in enumerate(group):
-                losses.setdefault(it.sample.subject, []).append(-lp[rows == b])
-        return {s: torch.cat(v).mean() for s, v in losses.items()}
+        """Mean answer-token cross-entropy of each subject present in `items` (one graph)."""
+        counts = _answer_tokens(items)
+        losses: dict[str, Tensor] = {}
+        for chunk in self._chunks(items, micro_batch=0):
+            for subject, loss in self._chunk_losses(chunk, bank, counts).items():
+                losses[subject] = losses[subject] + loss if subject in losses else loss
+        return losses
+
+    def step_backward(self, items: Sequence[_Item], bank: ConceptBank) -> dict[str, float]:
+        """Backward of the step's loss, `micro_batch` rows at a time; returns each subject's loss.
+
+        Each chunk's share is its tokens' summed loss over the subject's token
+        count in the whole step, so the accumulated gradient equals the
+        one-graph gradient of `step_loss` while only a chunk's activations live.
+        """
+        counts = _answer_tokens(items)
+        totals: dict[str, float] = {}
+        for chunk in self._chunks(items, self.micro_batch):
+            losses = self._chunk_losses(chunk, bank, counts)
+            sum(losses.values()).backward()
+            for subject, loss in losses.items():
+                totals[subject] = totals.get(subject, 0.0) + loss.item()
+        return totals
+
+    def _chunks(self, items: Sequence[_Item], micro_batch: int) -> list[list[_Item]]:
+        """Photo rows and text rows apart (they run differently), each cut to micro_batch rows."""
+        groups = [[it for it in items if it.sample.photo is not None],
+                  [it for it in items if it.sample.photo is None]]
+        size = micro_batch or len(items)
+        return [g[i:i + size] for g in groups for i in range(0, len(g), size)]
+
+    def _chunk_losses(self, chunk: Sequence[_Item], bank: ConceptBank,
+                      counts: dict[str, int]) -> dict[str, Tensor]:
+        photo = chunk[0].sample.photo is not None
+        run = self._photo_rows_shared if photo and self.share_prefix else self._rows_full
+        logp, rows = run(chunk, bank)  # (N,), (N,)
+        out: dict[str, Tensor] = {}
+        for b, it in enumerate(chunk):
+            s = it.sample.subject
+            part = -logp[rows == b].sum() / counts[s]
+            out[s] = out[s] + part if s in out else part
+        return out
 
     def _table(self, items: Sequence[_Item], bank: ConceptBank) -> ConceptTable:
         bb = self.backbone
@@ -258,11 +286,10 @@ class PackedTrainer:
             t0, sums = time.perf_counter(), {s: [] for s in items}
             for step_items in self._epoch_steps(items, epoch):
                 opt.zero_grad(set_to_none=True)
-                losses = self.step_loss(step_items, bank)
-                sum(losses.values()).backward()
+                losses = self.step_backward(step_items, bank)
                 opt.step()
                 for s, l in losses.items():
-                    sums[s].append(l.item())
+                    sums[s].append(l)
                 bar.update(1)
             report = self._end_epoch(epoch, sets, bank, sums, best)
             bar.set_postfix(loss=round(sum(r["loss"] for r in report.values()) / len(report), 4),
@@ -318,8 +345,13 @@ class PackedTrainer:
         return out
 
 
-def _groups(photo_items, text_items):
-    return [g for g in (photo_items, text_items) if g]
+def _answer_tokens(items: Sequence[_Item]) -> dict[str, int]:
+    """Trained (labelled) tokens per subject in a step."""
+    counts: dict[str, int] = {}
+    for it in items:
+        n = sum(1 for label in it.enc.labels[1:] if label != -100)
+        counts[it.sample.subject] = counts.get(it.sample.subject, 0) + n
+    return counts
 
 
 def _truncate(enc: Encoded, n: int) -> Encoded:
