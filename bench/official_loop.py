@@ -16,6 +16,7 @@ from PIL import ImageOps
 
 from yollava.prompt import PromptEncoder
 from yollava.recipe import RecipeConfig, TrainingSet
+from yollava.tokens import ConceptTokens
 
 
 def train_official(backbone, ts: TrainingSet, config: RecipeConfig, load_image) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,25 +29,24 @@ def train_official(backbone, ts: TrainingSet, config: RecipeConfig, load_image) 
     embed.requires_grad_(True)
     head.requires_grad_(True)
     opt = torch.optim.AdamW([embed, head], lr=config.lr, weight_decay=config.weight_decay)
-    keep = torch.ones(V + n, dtype=torch.bool)
+    keep = torch.ones(V + n, dtype=torch.bool, device=backbone.device)
     keep[V:] = False  # index_no_updates
     orig_embed, orig_head = embed.detach().clone(), head.detach().clone()
     encoder = PromptEncoder.for_backbone(backbone)
-    from yollava.tokens import ConceptTokens
-
+    dev = backbone.device
     tokens = [ConceptTokens(ts.subject, config.num_latent)]
     samples = ts.train[:]
     for epoch in range(config.epochs):
         random.Random(f"{config.seed}:{epoch}").shuffle(samples)
         for s in samples:
             enc = encoder.encode(s.messages, tokens)
-            ids = torch.tensor([enc.ids])
+            ids = torch.tensor([enc.ids], device=dev)
             pixel_values = None
             if s.photo is not None:
                 im = load_image(s.photo.key).convert("RGB")
                 im = ImageOps.mirror(im) if s.photo.flip else im
-                pixel_values = backbone.preprocess([im])
-            out = model(input_ids=ids, pixel_values=pixel_values, labels=torch.tensor([enc.labels]))
+                pixel_values = backbone.preprocess([im]).to(dev, backbone.dtype)
+            out = model(input_ids=ids, pixel_values=pixel_values, labels=torch.tensor([enc.labels], device=dev))
             out.loss.backward()
             opt.step()
             opt.zero_grad()
