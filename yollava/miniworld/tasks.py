@@ -1,0 +1,184 @@
+"""Pretraining and probe tasks on the miniature world: one question about one scene each.
+
+Naming tasks go through the concept-token mechanism itself: a placeholder
+name `<nJ>` is defined by latent rows that are either the word embeddings of
+a description ("a red striped circle") or the image tokens of the object from
+example photos. So the base learns to read `<name> is <latents>.` — the exact
+form Yo'LLaVA's learned tokens take later.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from yollava import templates
+from yollava.miniworld import world
+from yollava.miniworld.world import Obj, Scene
+from yollava.prompt import Message
+
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NUM_NAMES = 32
+
+
+@dataclass
+class Definition:
+    name: int  # placeholder name index: `<n{name}>`
+    words: str | None = None  # definition by description
+    examples: list[tuple[Scene, int]] = field(default_factory=list)  # (scene, cell) definitions by example
+
+
+@dataclass
+class Task:
+    kind: str
+    scene: Scene | None
+    messages: list[Message]
+    definition: Definition | None = None
+    candidates: list[str] = field(default_factory=list)  # for probes: answers to compare
+    correct: int = 0
+
+
+def describe(o: Obj, attrs=("colour", "pattern", "shape")) -> str:
+    parts = []
+    if "colour" in attrs:
+        parts.append(o.colour)
+    if "pattern" in attrs:
+        parts.append(o.pattern)  # "plain" said out loud: "a circle" would mean any circle
+    parts.append(o.shape if "shape" in attrs else "object")
+    return "a " + " ".join(parts)
+
+
+def _matches(o: Obj, ref: Obj, attrs) -> bool:
+    return all(getattr(o, a) == getattr(ref, a) for a in attrs)
+
+
+def existence(rng: random.Random) -> Task:
+    scene = world.random_scene(rng)
+    attrs = rng.choice([("shape",), ("colour",), ("colour", "shape"), ("colour", "pattern", "shape"),
+                        ("pattern", "shape")])
+    want_yes = rng.random() < 0.5
+    objs = scene.objects()
+    if want_yes:
+        ref = rng.choice(objs)
+    else:
+        while True:
+            ref = rng.choice(world.ALL_OBJECTS)
+            if not any(_matches(o, ref, attrs) for o in objs):
+                break
+    q = f"is there {describe(ref, attrs)} in this photo?"
+    return Task("existence", scene, [Message("user", q, 1), Message("assistant", "yes." if want_yes else "no.")],
+                candidates=["yes.", "no."], correct=0 if want_yes else 1)
+
+
+def attribute(rng: random.Random) -> Task:
+    scene = world.random_scene(rng)
+    objs = scene.objects()
+    o = rng.choice(objs)
+    kind = rng.choice(["colour", "shape", "pattern"])
+    if kind == "colour":
+        q, a, cands = f"what colour is the {o.shape}?", o.colour, world.COLOURS
+        if sum(x.shape == o.shape for x in objs) > 1:
+            q = f"what colour is the {o.pattern} {o.shape}?" if sum(
+                x.shape == o.shape and x.pattern == o.pattern for x in objs) == 1 else None
+    elif kind == "shape":
+        q, a, cands = f"what shape is the {o.colour} object?", o.shape, world.SHAPES
+        if sum(x.colour == o.colour for x in objs) > 1:
+            q = None
+    else:
+        q, a, cands = f"what pattern does the {o.colour} {o.shape} have?", o.pattern, world.PATTERNS
+        if sum(x.colour == o.colour and x.shape == o.shape for x in objs) > 1:
+            q = None
+    if q is None:
+        return existence(rng)
+    return Task("attribute", scene, [Message("user", q, 1), Message("assistant", f"{a}.")],
+                candidates=[f"{c}." for c in cands], correct=list(cands).index(a))
+
+
+def counting(rng: random.Random) -> Task:
+    scene = world.random_scene(rng, n_objects=(1, 6))
+    n = len(scene.objects())
+    return Task("counting", scene, [Message("user", "how many objects are in this photo?", 1),
+                                    Message("assistant", f"{NUMBERS[n]}.")],
+                candidates=[f"{w}." for w in NUMBERS[1:7]], correct=n - 1)
+
+
+def caption(rng: random.Random) -> Task:
+    scene = world.random_scene(rng)
+    parts = [f"{describe(o)} in the {world.POSITIONS[i]}" for i, o in enumerate(scene.cells) if o is not None]
+    return Task("caption", scene, [Message("user", "describe this photo.", 1),
+                                   Message("assistant", ", ".join(parts) + ".")])
+
+
+def main_subject(rng: random.Random) -> Task:
+    """The recipe's attribute questions, seen on a one-object photo."""
+    o = rng.choice(world.ALL_OBJECTS)
+    scene = world.random_scene(rng, must=[o], n_objects=(1, 1))
+    i = rng.randrange(len(templates.ATTRIBUTE_QUESTIONS))
+    q = templates.ATTRIBUTE_QUESTIONS[i][0]
+    return Task("main_subject", scene, [Message("user", q, 1), Message("assistant", _attribute_answer(i, o))])
+
+
+def _attribute_answer(i: int, o: Obj) -> str:
+    return [f"it is {o.colour}.", f"it is a {o.shape}.", f"it is {o.pattern}.",
+            "it has a dark mark in one corner.", "it is small.", f"it is a {o.shape}.",
+            f"it is {describe(o)}.", f"its {o.colour} colour.", "it looks made of paint.",
+            f"it is {describe(o)}."][i]
+
+
+def _definition(rng: random.Random, o: Obj, by_example: bool) -> Definition:
+    name = rng.randrange(NUM_NAMES)
+    if not by_example:
+        return Definition(name, words=describe(o))
+    m = rng.choice([1, 2, 4, 8, 16])
+    examples = []
+    for _ in range(m):
+        s = world.random_scene(rng, must=[o])
+        examples.append((s, s.cells.index(o)))
+    return Definition(name, examples=examples)
+
+
+def naming(rng: random.Random, by_example: bool, hard_share: float = 0.5) -> Task:
+    """`<nJ> is <definition>.` then a recognition question; half yes, half no (hard or easy)."""
+    o = rng.choice(world.ALL_OBJECTS)
+    d = _definition(rng, o, by_example)
+    c = f"<n{d.name}>"
+    variants = o.variants()
+    described = {k: v for k, v in variants.items() if k != "notch"}
+    if rng.random() < 0.5:
+        scene, yes = world.random_scene(rng, must=[o], avoid=set(variants["notch"])), True
+    else:
+        kinds = variants if by_example else described  # words cannot tell the notch
+        if rng.random() < hard_share:
+            kind = "notch" if by_example and rng.random() < 0.5 else rng.choice(list(kinds))
+            other = rng.choice(kinds[kind])
+        else:
+            other = rng.choice([x for x in world.ALL_OBJECTS if x != o])
+        avoid = {o} if by_example else {x for x in world.ALL_OBJECTS if _matches(x, o, ("shape", "colour", "pattern"))}
+        scene, yes = world.random_scene(rng, must=[other], avoid=avoid), False
+    q = rng.choice(templates.RECOGNITION_QUESTIONS).format(c=c)
+    a = rng.choice(templates.YES_ANSWERS if yes else templates.NO_ANSWERS).format(c=c)
+    kind = "naming_example" if by_example else "naming_words"
+    return Task(kind, scene, [Message("user", q, 1), Message("assistant", a.lower())], d,
+                candidates=["yes", "no"], correct=0 if yes else 1)
+
+
+def blind_attribute(rng: random.Random) -> Task:
+    """Text only: a named object's attribute, read from its definition alone."""
+    o = rng.choice(world.ALL_OBJECTS)
+    d = _definition(rng, o, by_example=rng.random() < 0.7)
+    c = f"<n{d.name}>"
+    i = rng.choice([0, 1, 2, 5, 6])
+    q = templates.ATTRIBUTE_QUESTIONS[i][1].format(c=c)
+    return Task("blind_attribute", None, [Message("user", q, 0), Message("assistant", _attribute_answer(i, o))], d)
+
+
+MIX = {"existence": 3, "attribute": 2, "counting": 1, "caption": 1, "main_subject": 1,
+       "naming_words": 2, "naming_example": 4, "blind_attribute": 2}
+MAKERS = {"existence": existence, "attribute": attribute, "counting": counting, "caption": caption,
+          "main_subject": main_subject, "naming_words": lambda r: naming(r, False),
+          "naming_example": lambda r: naming(r, True), "blind_attribute": blind_attribute}
+
+
+def sample_task(rng: random.Random, mix: dict[str, float] = MIX) -> Task:
+    kind = rng.choices(list(mix), weights=list(mix.values()))[0]
+    return MAKERS[kind](rng)
