@@ -1,0 +1,178 @@
+"""Operating a running deployment.
+
+    python -m cluster.ops status [--address auto] [--store URI]
+    python -m cluster.ops scale --gpus N [--cpus-per-gpu C] | --release
+    python -m cluster.ops concepts ls [--owner OWNER] --store URI
+    python -m cluster.ops concepts rm OWNER/NAME [--version V] --store URI
+
+`status` shows nodes and GPUs (total, free, used), the autoscaler request in
+force, personalization jobs (from the Ray Jobs API, and their progress from
+the store's job records) and the Serve applications with their replicas.
+`scale` asks the autoscaler for GPU bundles ahead of a batch (`--release`
+clears the request, so idle nodes can go).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import ray
+
+from cluster.store import ArtifactStore, ConceptNotFound, open_store
+from yollava.tokens import check_name
+
+REQUEST_KEY = b"autoscaler_resource_request"  # ray_constants.AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+
+
+def connect(address: str | None) -> None:
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address or "auto", logging_level="ERROR", log_to_driver=False)
+        except ConnectionError as e:
+            raise SystemExit(f"no Ray cluster at address={address or 'auto'!r}: {e}") from None
+
+
+def nodes() -> dict[str, Any]:
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    total, free = ray.cluster_resources(), ray.available_resources()
+    gpus = total.get("GPU", 0.0)
+    return {"nodes": len(alive), "cpus": total.get("CPU", 0.0), "cpus_free": free.get("CPU", 0.0),
+            "gpus": gpus, "gpus_free": free.get("GPU", 0.0), "gpus_used": gpus - free.get("GPU", 0.0),
+            "per_node": [{"node_id": n["NodeID"][:12], "ip": n.get("NodeManagerAddress"),
+                          "resources": {k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU", "memory")}}
+                         for n in alive]}
+
+
+def resource_request() -> list[dict]:
+    """The autoscaler request in force (v1 autoscaler's key; [] when none)."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(REQUEST_KEY)
+    return json.loads(raw) if raw else []
+
+
+def scale(gpus: int | None, cpus_per_gpu: int = 4, release: bool = False) -> list[dict]:
+    from ray.autoscaler.sdk import request_resources
+
+    if release:
+        request_resources(num_cpus=0, bundles=[])
+        return []
+    if gpus is None or gpus < 1:
+        raise ValueError(f"--gpus={gpus!r} must be >= 1 (or use --release)")
+    bundles = [{"GPU": 1, "CPU": cpus_per_gpu}] * gpus
+    request_resources(bundles=bundles)
+    return bundles
+
+
+def jobs(store: ArtifactStore | None) -> list[dict]:
+    """Personalization jobs: Ray Jobs API entries, and progress from the store's records."""
+    out: dict[str, dict] = {}
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        for j in JobSubmissionClient().list_jobs():
+            if "cluster.personalize" in (j.entrypoint or ""):
+                out[j.submission_id or j.job_id] = {"job": j.submission_id or j.job_id, "status": str(j.status),
+                                                    "entrypoint": j.entrypoint}
+    except Exception as e:  # noqa: BLE001 - no dashboard (e.g. a bare local Ray): say so, keep going
+        out["_jobs_api"] = {"job": "-", "status": f"jobs API unavailable: {type(e).__name__}"}
+    if store is not None:
+        for job_id in sorted({k.split("/")[1] for k in store.list_prefix("jobs")}):
+            row = out.setdefault(job_id, {"job": job_id, "status": "recorded"})
+            done = [k for k in store.list_prefix(f"jobs/{job_id}/subjects")]
+            row["subjects_recorded"] = len(done)
+            if store.exists(f"jobs/{job_id}/summary.json"):
+                summary = store.get_json(f"jobs/{job_id}/summary.json")
+                row["status"] = "finished" if row["status"] == "recorded" else row["status"]
+                row["subjects"] = len(summary.get("subjects", []))
+    return list(out.values())
+
+
+def serve_status() -> list[dict]:
+    """Serve applications, their deployments and replica counts by state."""
+    try:
+        from ray import serve
+
+        st = serve.status()
+    except Exception as e:  # noqa: BLE001 - Serve not running
+        return [{"application": "-", "status": f"Serve not running ({type(e).__name__})"}]
+    rows = []
+    for app_name, app in st.applications.items():
+        for dep_name, dep in app.deployments.items():
+            rows.append({"application": app_name, "deployment": dep_name, "status": str(dep.status),
+                         "replicas": {str(k): v for k, v in dep.replica_states.items()}})
+    return rows
+
+
+def status(store: ArtifactStore | None) -> dict:
+    return {"cluster": nodes(), "autoscaler_request": resource_request(), "jobs": jobs(store),
+            "serve": serve_status()}
+
+
+def concepts_ls(store: ArtifactStore, owner: str | None) -> list[dict]:
+    if owner is not None:
+        check_name(owner, "owner")
+    return [{"owner": r.owner, "name": r.name, "version": r.version} for r in store.list_concepts(owner)]
+
+
+def concepts_rm(store: ArtifactStore, ref: str, version: int | None) -> list[int]:
+    owner, sep, name = ref.partition("/")
+    if not sep:
+        raise ValueError(f"concept={ref!r} must be OWNER/NAME")
+    check_name(owner, "owner")
+    check_name(name, "name")
+    deleted = store.delete_concept(owner, name, version)
+    if not deleted:
+        raise ConceptNotFound(owner, name, version)
+    return deleted
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cluster.ops", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("status", help="nodes, GPUs, jobs, Serve replicas")
+    st.add_argument("--address", default=None)
+    st.add_argument("--store", default=None, help="artifact store, for job progress")
+    sc = sub.add_parser("scale", help="autoscaler resource requests")
+    sc.add_argument("--address", default=None)
+    g = sc.add_mutually_exclusive_group(required=True)
+    g.add_argument("--gpus", type=int)
+    g.add_argument("--release", action="store_true")
+    sc.add_argument("--cpus-per-gpu", type=int, default=4)
+    co = sub.add_parser("concepts", help="list or delete concepts in a store")
+    co.add_argument("action", choices=["ls", "rm"])
+    co.add_argument("ref", nargs="?", help="OWNER/NAME (rm)")
+    co.add_argument("--owner")
+    co.add_argument("--version", type=int)
+    co.add_argument("--store", required=True)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "concepts":
+            store = open_store(args.store)
+            if args.action == "ls":
+                _print(concepts_ls(store, args.owner))
+            else:
+                if not args.ref:
+                    ap.error("concepts rm needs OWNER/NAME")
+                _print({"deleted": concepts_rm(store, args.ref, args.version)})
+            return 0
+        connect(args.address)
+        if args.cmd == "status":
+            _print(status(open_store(args.store) if args.store else None))
+        else:
+            _print({"requested": scale(args.gpus, args.cpus_per_gpu, args.release)})
+        return 0
+    except (ValueError, ConceptNotFound) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
