@@ -1,0 +1,244 @@
+"""Concepts for requests: sharing rules, and a per-replica LRU cache (by bytes) over the store.
+
+Resolution of what a tenant types:
+
+    <bo>        -> concept `bo` of the caller
+    <alice/bo>  -> concept `bo` of alice, if alice shared it with the caller
+                   (or the caller is alice)
+
+A reference that does not resolve, whether the concept does not exist or is
+not shared with the caller, stays plain text: the answer is the same in both
+cases, so nothing tells a caller what exists (and `vector<int>` in pasted code
+still works). The store is the only source of truth; the cache revalidates an
+entry against `latest_version` once it is older than `revalidate_s`, so a new
+version is picked up and a deleted concept stops answering within that time
+(0 = on every request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from cluster.store import ArtifactStore, ConceptNotFound, ObjectNotFound
+from yollava.concept_model import ConceptRows
+from yollava.tokens import ConceptTokens, check_name
+
+SHARES = "shares"  # shares/<owner>/<name>.json = {"tenants": [...]}: the authority
+INBOX = "shared-with"  # shared-with/<tenant>/<owner>/<name>: an index for listing only
+
+
+class Sharing:
+    """Who may use a concept besides its owner, stored next to the concepts (blocking calls)."""
+
+    def __init__(self, store: ArtifactStore):
+        self.store = store
+
+    @staticmethod
+    def _doc(owner: str, name: str) -> str:
+        return f"{SHARES}/{check_name(owner, 'owner')}/{check_name(name, 'name')}.json"
+
+    def grantees(self, owner: str, name: str) -> list[str]:
+        try:
+            doc = self.store.get_json(self._doc(owner, name))
+        except ObjectNotFound:
+            return []
+        return sorted(t for t in doc.get("tenants", []) if isinstance(t, str))
+
+    def share(self, owner: str, name: str, tenant: str) -> bool:
+        """Share with `tenant`; False if it already was. Writes the index first, the authority last."""
+        check_name(tenant, "tenant")
+        current = self.grantees(owner, name)
+        if tenant in current:
+            return False
+        self.store.put_bytes(f"{INBOX}/{tenant}/{owner}/{name}", b"")
+        self.store.put_json(self._doc(owner, name), {"tenants": sorted({*current, tenant})})
+        return True
+
+    def unshare(self, owner: str, name: str, tenant: str) -> bool:
+        """Stop sharing with `tenant`; False if it was not shared. Authority first, index last."""
+        check_name(tenant, "tenant")
+        current = self.grantees(owner, name)
+        if tenant not in current:
+            return False
+        self.store.put_json(self._doc(owner, name), {"tenants": [t for t in current if t != tenant]})
+        self.store.delete_key(f"{INBOX}/{tenant}/{owner}/{name}")
+        return True
+
+    def drop(self, owner: str, name: str) -> None:
+        """Forget every share of a deleted concept."""
+        for tenant in self.grantees(owner, name):
+            self.store.delete_key(f"{INBOX}/{tenant}/{owner}/{name}")
+        self.store.delete_key(self._doc(owner, name))
+
+    def shared_with(self, tenant: str) -> list[tuple[str, str]]:
+        """(owner, name) of concepts shared with `tenant`, checked against the authority."""
+        prefix = f"{INBOX}/{check_name(tenant, 'tenant')}"
+        out = []
+        for key in self.store.list_prefix(prefix):
+            owner, name = key.split("/")[-2:]
+            if tenant in self.grantees(owner, name):
+                out.append((owner, name))
+        return sorted(out)
+
+
+def split_ref(ref: str, tenant: str) -> tuple[str, str]:
+    """`bo` -> (tenant, bo); `alice/bo` -> (alice, bo)."""
+    owner, _, name = ref.rpartition("/")
+    return (owner or tenant), name
+
+
+@dataclass
+class _Entry:
+    version: int
+    rows: ConceptRows
+    nbytes: int
+    checked: float
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+    revalidations: int = 0
+
+
+class ConceptCache:
+    """A bounded LRU of concept rows (by bytes), filled from the store on first use.
+
+    Concurrent first uses of one concept wait for one load (single flight);
+    so do concurrent revalidations. Runs on one asyncio loop (a replica's);
+    store calls go to threads.
+    """
+
+    def __init__(self, store: ArtifactStore, fingerprint: str | None, max_bytes: int = 256 * 2**20,
+                 revalidate_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                 on_event: Callable[[str], None] | None = None):
+        if max_bytes < 1 or revalidate_s < 0:
+            raise ValueError(f"max_bytes={max_bytes} must be >= 1 and revalidate_s={revalidate_s} >= 0")
+        self.store, self.fingerprint = store, fingerprint
+        self.max_bytes, self.revalidate_s, self.clock = max_bytes, revalidate_s, clock
+        self.on_event = on_event or (lambda event: None)
+        self.stats = CacheStats()
+        self._lru: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self._absent: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._inflight: dict[tuple[str, str], asyncio.Future] = {}
+        self.nbytes = 0
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._lru
+
+    async def get(self, owner: str, name: str) -> ConceptRows | None:
+        """The latest rows of owner/name, or None if it does not exist."""
+        key = (owner, name)
+        now = self.clock()
+        entry = self._lru.get(key)
+        if entry is not None and now - entry.checked < self.revalidate_s:
+            self._lru.move_to_end(key)
+            self._count("hits")
+            return entry.rows
+        if entry is None and key in self._absent and now - self._absent[key] < self.revalidate_s:
+            return None
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(self._refresh(key))
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return await asyncio.shield(fut)
+
+    def evict(self, owner: str, name: str) -> bool:
+        entry = self._lru.pop((owner, name), None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+        return entry is not None
+
+    async def _refresh(self, key: tuple[str, str]) -> ConceptRows | None:
+        owner, name = key
+        latest = await asyncio.to_thread(self.store.latest_version, owner, name)
+        entry = self._lru.get(key)
+        if latest is None:
+            self.evict(owner, name)
+            self._mark_absent(key)
+            self._count("misses")
+            return None
+        self._absent.pop(key, None)
+        if entry is not None and entry.version == latest:
+            entry.checked = self.clock()
+            self._lru.move_to_end(key)
+            self._count("revalidations")
+            self._count("hits")
+            return entry.rows
+        self._count("misses")
+        try:
+            art = await asyncio.to_thread(self.store.get_concept, owner, name, latest, self.fingerprint)
+        except ConceptNotFound:  # deleted between the listing and the read
+            self.evict(owner, name)
+            self._mark_absent(key)
+            return None
+        self._count("loads")
+        rows = art.rows
+        self._put(key, _Entry(latest, rows, _nbytes(rows), self.clock()))
+        return rows
+
+    def _put(self, key: tuple[str, str], entry: _Entry) -> None:
+        self.evict(*key)
+        self._lru[key] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.max_bytes and len(self._lru) > 1:
+            _, old = self._lru.popitem(last=False)
+            self.nbytes -= old.nbytes
+            self._count("evictions")
+
+    def _mark_absent(self, key: tuple[str, str]) -> None:
+        self._absent[key] = self.clock()
+        self._absent.move_to_end(key)
+        while len(self._absent) > 10_000:
+            self._absent.popitem(last=False)
+
+    def _count(self, event: str) -> None:
+        setattr(self.stats, event, getattr(self.stats, event) + 1)
+        self.on_event(event)
+
+
+def _nbytes(rows: ConceptRows) -> int:
+    return sum(t.numel() * t.element_size() for t in (rows.embed, rows.head))
+
+
+class ConceptResolver:
+    """A tenant's `<ref>`s -> the concept rows it may use, shown as it typed them."""
+
+    def __init__(self, cache: ConceptCache, sharing: Sharing, revalidate_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.cache, self.sharing = cache, sharing
+        self.revalidate_s, self.clock = revalidate_s, clock
+        self._grants: dict[tuple[str, str], tuple[frozenset, float]] = {}
+
+    async def resolve(self, tenant: str, refs: list[str]) -> list[ConceptRows]:
+        found = await asyncio.gather(*(self._one(tenant, r) for r in refs))
+        return [rows for rows in found if rows is not None]
+
+    async def _one(self, tenant: str, ref: str) -> ConceptRows | None:
+        owner, name = split_ref(ref, tenant)
+        if owner != tenant and tenant not in await self._grantees(owner, name):
+            return None
+        rows = await self.cache.get(owner, name)
+        if rows is None:
+            return None
+        display = ref if "/" in ref else None
+        return ConceptRows(ConceptTokens(name, rows.tokens.num_latent, display=display), rows.embed, rows.head)
+
+    async def _grantees(self, owner: str, name: str) -> frozenset:
+        key = (owner, name)
+        hit = self._grants.get(key)
+        if hit is not None and self.clock() - hit[1] < self.revalidate_s:
+            return hit[0]
+        tenants = frozenset(await asyncio.to_thread(self.sharing.grantees, owner, name))
+        if len(self._grants) > 10_000:
+            self._grants.clear()
+        self._grants[key] = (tenants, self.clock())
+        return tenants

@@ -1,0 +1,45 @@
+"""Start the app on a local Ray (the laptop command, benchmarks); reuses a Ray already running."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from serve.app import AppArgs, build_app
+
+APP_NAME = "yollava"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalApp:
+    url: str
+    started_ray: bool
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        if self.started_ray:
+            ray.shutdown()
+
+
+def start(args: AppArgs, host: str = "127.0.0.1", port: int | None = None, env: dict | None = None,
+          **ray_init) -> LocalApp:
+    """Ray (unless running) + Serve on host:port + the app; returns once the app answers."""
+    import ray
+    from ray import serve
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env} if env else None, **ray_init)
+    port = port or free_port(host)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    return LocalApp(f"http://{host}:{port}", started)

@@ -1,0 +1,127 @@
+"""The concept cache and sharing rules, on a local store (no Ray)."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from cluster.store import open_store
+from serve.concepts import ConceptCache, ConceptResolver, Sharing, split_ref
+from tests.serve.conftest import save_concept
+
+
+class CountingStore:
+    """A store proxy counting concept reads, optionally slow, to observe single flight."""
+
+    def __init__(self, store, delay=0.0):
+        self.store, self.delay = store, delay
+        self.gets = 0
+        self._lock = threading.Lock()
+
+    def get_concept(self, *a, **kw):
+        with self._lock:
+            self.gets += 1
+        time.sleep(self.delay)
+        return self.store.get_concept(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def local(tmp_path):
+    return open_store((tmp_path / "store").as_uri())
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_first_uses_load_once(local, tiny):
+    save_concept(local, tiny, "alice", "bo", 1)
+    store = CountingStore(local, delay=0.2)
+    cache = ConceptCache(store, tiny.fingerprint, revalidate_s=60)
+
+    async def go():
+        return await asyncio.gather(*(cache.get("alice", "bo") for _ in range(10)))
+
+    rows = run(go())
+    assert store.gets == 1 and all(r is rows[0] for r in rows)
+    assert cache.stats.loads == 1
+
+
+def test_lru_by_bytes(local, tiny):
+    for i in range(4):
+        save_concept(local, tiny, "alice", f"c{i}", i, k=4)
+    one = 2 * 5 * tiny.hidden_size * 4  # embed + head, (k+1, d) float32
+    cache = ConceptCache(local, tiny.fingerprint, max_bytes=3 * one, revalidate_s=60)
+
+    async def go():
+        for name in ("c0", "c1", "c2"):
+            await cache.get("alice", name)
+        await cache.get("alice", "c0")  # c0 is now the most recent
+        await cache.get("alice", "c3")  # evicts c1, the least recent
+
+    run(go())
+    assert cache.nbytes == 3 * one
+    assert [k[1] for k in cache._lru] == ["c2", "c0", "c3"]
+    assert cache.stats.evictions == 1
+
+
+def test_new_version_and_deletion_after_revalidate_s(local, tiny):
+    clock = Clock()
+    save_concept(local, tiny, "alice", "bo", 1)
+    cache = ConceptCache(local, tiny.fingerprint, revalidate_s=5, clock=clock)
+    v1 = run(cache.get("alice", "bo"))
+    save_concept(local, tiny, "alice", "bo", 2)
+    assert run(cache.get("alice", "bo")) is v1  # still fresh
+    clock.t = 6
+    v2 = run(cache.get("alice", "bo"))
+    assert v2 is not v1 and not (v2.embed == v1.embed).all()
+    clock.t = 12
+    assert run(cache.get("alice", "bo")) is v2 and cache.stats.revalidations == 1  # same version: no load
+    local.delete_concept("alice", "bo")
+    clock.t = 18
+    assert run(cache.get("alice", "bo")) is None and ("alice", "bo") not in cache
+    assert run(cache.get("alice", "nope")) is None
+
+
+def test_other_base_model_is_refused(local, tiny):
+    save_concept(local, tiny, "alice", "bo", 1)
+    cache = ConceptCache(local, "sha256:another-model", revalidate_s=0)
+    with pytest.raises(ValueError, match="fingerprint|base"):
+        run(cache.get("alice", "bo"))
+
+
+def test_resolution_by_owner_and_shares(local, tiny):
+    for owner, name in (("alice", "bo"), ("bob", "bo"), ("carol", "mug")):
+        save_concept(local, tiny, owner, name, hash((owner, name)) % 1000)
+    sharing = Sharing(local)
+    resolver = ConceptResolver(ConceptCache(local, tiny.fingerprint, revalidate_s=0), sharing, revalidate_s=0)
+
+    def ids(tenant, refs):
+        return [c.tokens.identifier for c in run(resolver.resolve(tenant, refs))]
+
+    assert split_ref("bo", "alice") == ("alice", "bo") and split_ref("carol/mug", "bob") == ("carol", "mug")
+    assert ids("alice", ["bo", "mug", "carol/mug", "bob/bo", "bo_1", "image"]) == ["<bo>"]
+    assert ids("bob", ["bo", "alice/bo", "bob/bo"]) == ["<bo>", "<bob/bo>"]
+    assert sharing.share("carol", "mug", "bob") and not sharing.share("carol", "mug", "bob")
+    assert ids("bob", ["carol/mug", "bo"]) == ["<carol/mug>", "<bo>"]
+    assert ids("alice", ["carol/mug"]) == []
+    assert sharing.shared_with("bob") == [("carol", "mug")] and sharing.shared_with("alice") == []
+    assert sharing.unshare("carol", "mug", "bob") and not sharing.unshare("carol", "mug", "bob")
+    assert ids("bob", ["carol/mug"]) == [] and sharing.shared_with("bob") == []
+    # the rows of a shared concept are its owner's, shown under the name the caller typed
+    sharing.share("alice", "bo", "bob")
+    got = run(resolver.resolve("bob", ["alice/bo"]))[0]
+    assert got.tokens.identifier == "<alice/bo>" and got.tokens.latents[0] == "<bo_1>"
+    assert (got.embed == local.get_concept("alice", "bo").rows.embed).all()
