@@ -342,19 +342,25 @@ class S3Store(ArtifactStore):
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._options = dict(endpoint_url=endpoint_url, region_name=region_name,
                              addressing_style=addressing_style, retry_mode=retry_mode, max_attempts=max_attempts)
-        self._transfer = TransferConfig(multipart_threshold=multipart_threshold,
-                                        multipart_chunksize=multipart_chunksize, max_concurrency=max_concurrency)
-        self._client = _s3_client(**self._options)  # a bad endpoint or region fails here, not at a write
+        self._transfer_options = dict(multipart_threshold=multipart_threshold,
+                                      multipart_chunksize=multipart_chunksize, max_concurrency=max_concurrency)
+        self._connect()  # a bad endpoint or region fails here, not at a write
+
+    def _connect(self) -> None:
+        # Neither the client nor TransferConfig survives pickling (TransferConfig's
+        # attribute aliases are lost), so both are rebuilt from plain options.
+        self._client = _s3_client(**self._options)
+        self._transfer = TransferConfig(**self._transfer_options)
 
     def __repr__(self) -> str:
         return f"S3Store({self.uri!r}, endpoint={_redact(self._client.meta.endpoint_url)!r})"
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_client"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_client", "_transfer")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._client = _s3_client(**self._options)
+        self._connect()
 
     def _key(self, key: str) -> str:
         key = check_key(key)

@@ -75,3 +75,17 @@ def store(request, tmp_path):
         return open_store((tmp_path / "store").as_uri())
     bucket = request.getfixturevalue("s3_bucket")
     return open_store(f"s3://{bucket}/root", endpoint_url=request.getfixturevalue("s3_endpoint"), **MULTIPART)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 2 CPUs for the whole session; workers get dummy AWS credentials (moto)."""
+    ray = pytest.importorskip("ray")
+    env = {} if os.environ.get(ENDPOINT_ENV) else dict(DUMMY_AWS_ENV)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # notice finished/dead workers sooner
+    if ray.is_initialized():  # another module's Ray, without the workers' environment above
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env} if env else None)
+    yield ray
+    ray.shutdown()

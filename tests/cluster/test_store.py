@@ -262,3 +262,5 @@ def test_store_survives_pickling_for_ray_tasks(store, tiny):
     copy = pickle.loads(pickle.dumps(store))
     assert type(copy) in (FileStore, S3Store) and copy.uri == store.uri
     assert_same_rows(copy.get_concept("alice", "bo"), make_artifact(tiny))
+    assert copy.put_concept(make_artifact(tiny)) == 2  # writes too (multipart config rebuilt)
+    assert store.versions("alice", "bo") == [1, 2]

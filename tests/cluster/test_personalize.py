@@ -1,0 +1,145 @@
+"""End to end on a local Ray (2 CPUs): requests in, concepts in the store, each one usable."""
+
+import json
+
+import pytest
+import torch
+
+import cluster.personalize as job_mod
+from cluster.keys import done_key
+from cluster.personalize import JobOptions, run_job
+from cluster.request import load_request
+from cluster.store import open_store
+from tests.cluster.conftest import MULTIPART
+from tests.cluster.helpers import SUBJECTS, photo_folder, write_request
+from yollava.generate import GenerationRequest, Generator, SamplingParams
+from yollava.mining import image_sha256
+from yollava.prompt import Message
+
+pytestmark = pytest.mark.slow
+
+
+def run(path, tmp_path, **options):
+    opts = JobOptions(progress=False, storage_path=str(tmp_path / "ray_results"), **options)
+    return run_job(load_request(str(path)), opts)
+
+
+def by_label(summary):
+    return {f"{r['owner']}/{r['name']}": r for r in summary["subjects"]}
+
+
+def assert_answers(store, tiny, owner, name):
+    art = store.get_concept(owner, name, expect_fingerprint=tiny.fingerprint)
+    assert art.owner == owner and art.name == name
+    req = GenerationRequest([Message("user", f"Describe <{name}>.")], [art.rows], [],
+                            SamplingParams(max_new_tokens=3))
+    out = Generator(tiny).generate([req])[0]
+    assert out.token_ids and out.finish_reason in ("stop", "length")
+    return art
+
+
+def test_three_subjects_two_owners_bad_subject_privacy_and_resubmission(ray_local, tmp_path, tiny, monkeypatch):
+    asked = []
+    monkeypatch.setattr(job_mod, "request_resources", lambda bundles: asked.append(bundles))
+    trunc = photo_folder(tmp_path / "photos" / "carol" / "broken", 7)
+    data = (trunc / "1.png").read_bytes()
+    (trunc / "1.png").write_bytes(data[: len(data) // 2])
+    alice_photo = tmp_path / "photos" / "alice" / "bo" / "1.png"  # also slipped into the pool
+    store_dir = tmp_path / "store"
+    path = write_request(tmp_path, store_dir.as_uri(), pool_extra=[str(alice_photo)],
+                         extra=[{"owner": "carol", "name": "broken", "photos": "photos/carol/broken"}])
+    summary = run(path, tmp_path, workers=2, pack_size=2)
+    rows = by_label(summary)
+    assert summary["counts"] == {"trained": 3, "invalid": 1}
+    assert "broken/1.png" in rows["carol/broken"]["reason"]
+    store = open_store(store_dir.as_uri())
+    for owner, name in SUBJECTS:
+        assert rows[f"{owner}/{name}"]["version"] == 1 and rows[f"{owner}/{name}"]["seconds"] > 0
+        art = assert_answers(store, tiny, owner, name)
+        assert store.exists(done_key(owner, name, art.metrics["subject_key"]))
+    assert store.get_json(f"jobs/{summary['job_id']}/summary.json")["counts"] == summary["counts"]
+    assert asked == [[{"CPU": 1}, {"CPU": 1}], []]  # asked for the workers, cleared at the end
+
+    # Privacy: every photo a subject trained on is its own or from the pool, never another owner's.
+    owner_photos = {o: {image_sha256(p.read_bytes()) for p in (tmp_path / "photos" / o).rglob("*.png")}
+                    for o in ("alice", "bob")}
+    for owner, name in SUBJECTS:
+        record = store.get_json(f"jobs/{summary['job_id']}/subjects/{owner}/{name}.json")
+        used = set(record["usage"]["positive"]) | set(record["usage"]["negative"])
+        assert record["usage"]["negative"], "negatives were used"
+        for other, photos in owner_photos.items():
+            if other != owner:
+                assert not used & photos, f"{owner}/{name} trained on {other}'s photos"
+    assert image_sha256(alice_photo.read_bytes()) not in summary_pool_ids(store, summary)
+
+    # Resubmission trains nothing, and reuses the pool index; --force trains a new version.
+    monkeypatch.setattr("cluster.negatives.embed_pool", lambda *a, **k: pytest.fail("pool re-embedded"))
+    again = run(path, tmp_path)
+    assert again["counts"] == {"done-before": 3, "invalid": 1}
+    assert all(store.versions(o, n) == [1] for o, n in SUBJECTS)
+    forced = run(path, tmp_path, force=True, pack_size=4, local=True)  # same worker code, no Ray startup
+    assert forced["counts"] == {"trained": 3, "invalid": 1}
+    assert all(store.versions(o, n) == [1, 2] for o, n in SUBJECTS)
+
+
+def summary_pool_ids(store, summary):
+    from cluster.keys import index_prefix
+
+    return json.loads(store.get_bytes(f"{index_prefix(summary['negative_pool'])}/ids.json"))["ids"]
+
+
+def test_s3_store_and_s3_photos(ray_local, tmp_path, tiny, s3_client, s3_bucket, s3_endpoint, monkeypatch):
+    monkeypatch.setattr(job_mod, "request_resources", lambda bundles: None)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    local = write_request(tmp_path, "unused", subjects=SUBJECTS[:2], pool=4)
+    for p in (tmp_path / "photos" / "alice" / "bo").iterdir():
+        s3_client.upload_file(str(p), s3_bucket, f"photos/alice/bo/{p.name}")
+    body = load_request(str(local)).model_dump()
+    body["subjects"][0]["photos"] = f"s3://{s3_bucket}/photos/alice/bo/"
+    body["store"] = f"s3://{s3_bucket}/store"
+    s3_client.put_object(Bucket=s3_bucket, Key="req.json", Body=json.dumps(body).encode())
+    summary = run_job(load_request(f"s3://{s3_bucket}/req.json"),
+                      JobOptions(progress=False, storage_path=str(tmp_path / "rr")))
+    assert summary["counts"] == {"trained": 2}
+    store = open_store(f"s3://{s3_bucket}/store", endpoint_url=s3_endpoint, **MULTIPART)
+    for owner, name in SUBJECTS[:2]:
+        assert_answers(store, tiny, owner, name)
+    assert store.get_json(f"jobs/{summary['job_id']}/summary.json")["job_id"] == summary["job_id"]
+
+
+def test_worker_killed_mid_job_trains_every_subject_once(ray_local, tmp_path, monkeypatch):
+    # request_resources is the real one here: it must work against a cluster without an autoscaler.
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(job_mod.KILL_ONCE_ENV, str(marker))
+    path = write_request(tmp_path, (tmp_path / "store").as_uri(), pool=0)
+    summary = run(path, tmp_path, workers=1, pack_size=1, max_failures=2)
+    assert marker.exists(), "the fault was injected"
+    assert sum(bool(r.get("recovered")) for r in summary["subjects"]) == 1  # finished by the restart
+    assert summary["counts"] == {"trained": 3}
+    store = open_store((tmp_path / "store").as_uri())
+    for owner, name in SUBJECTS:
+        assert store.versions(owner, name) == [1]
+
+
+DEEPSPEED = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+
+
+def test_deepspeed_zero3_matches_the_plain_path(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setattr(job_mod, "request_resources", lambda bundles: None)
+    path = write_request(tmp_path, "unused", subjects=SUBJECTS[:2], pool=3)  # mining runs sharded too
+    request = load_request(str(path))
+    a = run_job(request.model_copy(update={"store": (tmp_path / "plain").as_uri()}),
+                JobOptions(progress=False, local=True, pack_size=2))  # the plain path, in this process
+    b = run_job(request.model_copy(update={"store": (tmp_path / "ds").as_uri()}),
+                JobOptions(progress=False, storage_path=str(tmp_path / "rr"), workers=2, pack_size=2,
+                           deepspeed=DEEPSPEED))
+    assert a["counts"] == b["counts"] == {"trained": 2}
+    plain_worker, ds_worker = a["subjects"][0]["worker"], b["subjects"][0]["worker"]
+    assert (ds_worker["zero3"], ds_worker["world"]) == (True, 2)
+    assert ds_worker["local_backbone_elements"] < 0.6 * plain_worker["local_backbone_elements"]  # sharded
+    sa, sb = open_store((tmp_path / "plain").as_uri()), open_store((tmp_path / "ds").as_uri())
+    for owner, name in SUBJECTS[:2]:
+        x, y = sa.get_concept(owner, name), sb.get_concept(owner, name)
+        assert x.metrics["loss"] == pytest.approx(y.metrics["loss"], rel=1e-4, abs=1e-5)
+        torch.testing.assert_close(x.rows.embed, y.rows.embed, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(x.rows.head, y.rows.head, rtol=1e-4, atol=1e-5)
