@@ -26,5 +26,9 @@ test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
+# The main job end to end on one machine (local Ray, file:// store, sample subjects of two owners).
+demo: install
+	$(PY) -m serve.demo --workdir runs/demo
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -113,3 +113,12 @@ def test_image_installs_the_project():
     assert "requirements.lock" in text and "pip install" in text
     for pkg in ("yollava", "cluster", "serve"):
         assert f"COPY {pkg}" in text
+
+
+def test_no_generated_images_committed():
+    """Sample photos are generated (examples/make_sample_photos.py), never committed."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:  # not a git checkout (e.g. an sdist): nothing to check
+        return
+    images = [p for p in tracked if p.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))]
+    assert images == [], images
