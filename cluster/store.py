@@ -24,12 +24,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import boto3
@@ -37,7 +36,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from yollava.artifacts import MANIFEST_FILE, TENSORS_FILE, ArtifactError, ConceptArtifact
+from yollava.artifacts import MANIFEST_FILE, TENSORS_FILE, ArtifactError, ConceptArtifact, atomic_write
 from yollava.tokens import check_name
 
 CONCEPTS = "concepts"
@@ -293,22 +292,6 @@ class FileStore(ArtifactStore):
                 return atomic_write(Path(path), lambda f: shutil.copyfileobj(src, f, MiB))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(f"{self.uri}: no object {key!r}") from None
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
-    """Write through `write` into a temp file beside `path`, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # -- S3 and S3-compatible servers -------------------------------------------------------

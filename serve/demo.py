@@ -6,8 +6,9 @@
 2. personalizes every subject with `cluster.personalize` on a local Ray into a
    `file://` artifact store (progress bar, summary table);
 3. starts the chat service (Ray Serve, OpenAI-compatible) with a demo key per owner;
-4. alice sends a photo of her dog and asks whether `<bo>` is in it; bob asks a
-   text question about his `<bike>`; both through the official `openai` client;
+4. alice sends a photo of her `<bo>`, asks whether `<bo>` is in it and asks about
+   her `<mug>`; bob asks a text question about his `<bike>`; both through the
+   official `openai` client;
 5. prints the answers and each subject's held-out recognition accuracy, and shuts
    everything down.
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import subprocess
 import sys
@@ -85,7 +85,7 @@ def chat(work: Path, store_uri: str, model: str) -> list[tuple[str, str, str]]:
         print(f"chat service on {app.url}/v1")
         photo = sorted((work / "photos" / "alice" / "bo").iterdir())[0]
         asks = [("alice", [{"type": "image_url", "image_url": {"url": data_url(photo)}},
-                           {"type": "text", "text": "Is <bo> in this photo?"}]),
+                           {"type": "text", "text": "Is <bo> in this photo? And what should I buy <mug>?"}]),
                 ("bob", "What should I buy <bike> for its birthday?")]
         out = []
         for tenant, content in asks:

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from tests.conftest import random_photo, random_rows
 from yollava.generate import GenerationRequest, Generator, SamplingParams

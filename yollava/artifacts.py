@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -125,17 +126,23 @@ def load_concept(directory: str | os.PathLike, expect_fingerprint: str | None = 
                                       expect_fingerprint)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def atomic_write(path: Path, data: bytes | Callable[[IO[bytes]], object]) -> Path:
+    """Write `data` (bytes, or a function writing to a file) beside `path`, fsync, rename over it.
+
+    The temp file's name starts with a dot, so listings that skip hidden names never see it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 def _tensor_digest(embed: torch.Tensor, head: torch.Tensor) -> str:

@@ -16,7 +16,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import faiss
 import numpy as np
@@ -58,16 +58,33 @@ class ImageEncoder(Protocol):
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray: ...
 
 
-def _embed_batched(images: Sequence[Image.Image], batch_size: int, dim: int,
-                   forward: Callable[[list[Image.Image]], torch.Tensor]) -> np.ndarray:
-    """Run `forward` (B RGB images -> (B, D)) batch by batch; (N, D) float32 unit rows."""
-    out = [np.zeros((0, dim), np.float32)]
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            batch = [im if im.mode == "RGB" else im.convert("RGB") for im in images[i:i + batch_size]]
-            feats = F.normalize(forward(batch).float(), dim=-1)  # (B, D)
-            out.append(feats.cpu().numpy())
-    return np.concatenate(out)
+class _BatchedEncoder:
+    """Shared by the encoders: `name`, `dim`, and `embed` batch by batch over `_forward`."""
+
+    batch_size: int
+    _name: str
+    _dim: int
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """N PIL images -> (N, dim) float32, L2-normalised rows."""
+        out = [np.zeros((0, self._dim), np.float32)]
+        with torch.inference_mode():
+            for i in range(0, len(images), self.batch_size):
+                batch = [im if im.mode == "RGB" else im.convert("RGB") for im in images[i:i + self.batch_size]]
+                feats = F.normalize(self._forward(batch).float(), dim=-1)  # (B, D)
+                out.append(feats.cpu().numpy())
+        return np.concatenate(out)
+
+    def _forward(self, batch: list[Image.Image]) -> torch.Tensor:  # B RGB images -> (B, D)
+        raise NotImplementedError
 
 
 def _check_batch_size(batch_size: int) -> int:
@@ -76,7 +93,7 @@ def _check_batch_size(batch_size: int) -> int:
     return batch_size
 
 
-class OpenClipEncoder:
+class OpenClipEncoder(_BatchedEncoder):
     """The image tower of a built-in open_clip model (`open_clip.list_models()`).
 
     `pretrained` is a local full-CLIP weights file, or None for a random init
@@ -96,18 +113,6 @@ class OpenClipEncoder:
         self._visual = model.visual.eval().requires_grad_(False)  # the text tower is dropped
         self._dim = int(cfg["embed_dim"])
         self._name = f"open_clip:{model_name}:{fingerprint_weights(self._visual)}"
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """N PIL images -> (N, dim) float32, L2-normalised rows."""
-        return _embed_batched(images, self.batch_size, self._dim, self._forward)
 
     def _forward(self, batch: list[Image.Image]) -> torch.Tensor:
         pixels = torch.stack([self._preprocess(im) for im in batch]).to(self.device)  # (B, 3, H, W)
@@ -129,7 +134,7 @@ def _local_open_clip_config(model_name: str, pretrained: str | None) -> dict:
     return cfg
 
 
-class VisionTowerEncoder:
+class VisionTowerEncoder(_BatchedEncoder):
     """The backbone's own frozen CLIP vision tower.
 
     `pooling="pooled"`: the post-layernorm CLS state; `"mean"`: the mean of the
@@ -146,18 +151,6 @@ class VisionTowerEncoder:
         self._tower = backbone.model.model.vision_tower
         self._dim = backbone.config.vision_config.hidden_size
         self._name = f"vision_tower:{backbone.model_id}:{backbone.fingerprint}:{pooling}"
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """N PIL images -> (N, dim) float32, L2-normalised rows."""
-        return _embed_batched(images, self.batch_size, self._dim, self._forward)
 
     def _forward(self, batch: list[Image.Image]) -> torch.Tensor:
         pixels = self._backbone.preprocess(batch).to(self._tower.device, self._tower.dtype)  # (B, 3, H, W)

@@ -2,7 +2,6 @@
 
 import base64
 import io
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
