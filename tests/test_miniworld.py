@@ -79,3 +79,13 @@ def test_pretraining_step_lowers_every_loss():
         opt.step()
     last = {k: float(v) for k, v in pt.loss(batch).items()}
     assert all(last[k] < first[k] for k in first), (first, last)
+
+
+def test_every_task_kind_terminates_on_crowded_scenes():
+    """A scene holding all four shapes has no absent shape: existence must still answer."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        tasks.existence(rng)
+    for kind, make in tasks.MAKERS.items():
+        for _ in range(200):
+            make(rng)

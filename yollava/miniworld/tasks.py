@@ -56,15 +56,10 @@ def existence(rng: random.Random) -> Task:
     scene = world.random_scene(rng)
     attrs = rng.choice([("shape",), ("colour",), ("colour", "shape"), ("colour", "pattern", "shape"),
                         ("pattern", "shape")])
-    want_yes = rng.random() < 0.5
     objs = scene.objects()
-    if want_yes:
-        ref = rng.choice(objs)
-    else:
-        while True:
-            ref = rng.choice(world.ALL_OBJECTS)
-            if not any(_matches(o, ref, attrs) for o in objs):
-                break
+    absent = [x for x in world.ALL_OBJECTS if not any(_matches(o, x, attrs) for o in objs)]
+    want_yes = rng.random() < 0.5 or not absent  # e.g. all four shapes present: no "no" exists
+    ref = rng.choice(objs) if want_yes else rng.choice(absent)
     q = f"is there {describe(ref, attrs)} in this photo?"
     return Task("existence", scene, [Message("user", q, 1), Message("assistant", "yes." if want_yes else "no.")],
                 candidates=["yes.", "no."], correct=0 if want_yes else 1)
