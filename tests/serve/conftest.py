@@ -92,6 +92,8 @@ def live(tiny, s3_endpoint, aws_env, tmp_path_factory):  # noqa: F811
     if started:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env},
                  _metrics_export_port=metrics_port)
+    else:  # a Ray started by another module (the cluster tests' session Ray): ask it for its port
+        metrics_port = next((n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive")), None)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = AppArgs(store=uri, keys=str(keys_file), model="tiny", s3_endpoint_url=s3_endpoint,
