@@ -16,6 +16,7 @@ from yollava.data import (
     natural_key,
     read_conversations,
     read_visual_qa,
+    recognition_negatives,
     recognition_split,
     resolve_image_path,
 )
@@ -190,6 +191,22 @@ def test_recognition_split(root):
     assert len(recognition_split(ds, "mam")[1]) == 2
     with pytest.raises(DatasetError, match="'zed'"):
         recognition_split(ds, "zed")
+
+
+def test_negatives_by_kind(root):
+    """test/<subject>/negatives/<kind>/ adds held-out negatives of that kind; never subject photos."""
+    write_png(root / "test" / "bo" / "negatives" / "hard" / "0.png")
+    write_png(root / "test" / "bo" / "negatives" / "hard" / "1.png")
+    ds = YollavaDataset.load(root)
+    assert rel(ds.root, ds.subjects["bo"].test_images) == ["test/bo/0.png", "test/bo/1.png"]
+    neg = recognition_negatives(ds, "bo")
+    assert list(neg) == ["others", "hard"]
+    assert rel(ds.root, neg["hard"]) == ["test/bo/negatives/hard/0.png", "test/bo/negatives/hard/1.png"]
+    assert rel(ds.root, neg["others"]) == rel(ds.root, recognition_split(ds, "bo")[1])
+    assert list(recognition_negatives(ds, "mam")) == ["others"]
+    write_png(root / "test" / "bo" / "negatives" / "others" / "0.png")
+    with pytest.raises(DatasetError, match="reserved"):
+        YollavaDataset.load(root)
 
 
 def test_natural_key():

@@ -4,6 +4,8 @@ Layout under a dataset root `DIR` (the public release calls it `yollava-data/`):
 
     DIR/train/<subject>/*.png|jpg|jpeg|webp      training photos of each subject
     DIR/test/<subject>/*.png|...                 held-out photos (recognition + QA)
+    DIR/test/<subject>/negatives/<kind>/*.png    extra held-out negatives of one kind (optional;
+                                                 e.g. `hard`: look-alikes of the subject)
     DIR/yollava-visual-qa.json                   visual multiple-choice QA (optional)
     DIR/**/<subject>-text-only-conversation.json text-only conversations (optional)
     DIR/**/<subject>/text-only-conversation.json   (either name)
@@ -50,6 +52,7 @@ SPLITS = ("train", "test")
 VISUAL_QA_FILE = "yollava-visual-qa.json"
 CONVERSATION_FILE = "text-only-conversation.json"
 SKS = "<sks>"
+OTHERS = "others"  # the negative kind of other subjects' test photos
 # Pillow's own decompression-bomb threshold (~89.5 Mpx) is the default limit.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
@@ -116,6 +119,7 @@ class Subject:
     name: str
     train_images: list[Path]
     test_images: list[Path]
+    test_negatives: dict[str, list[Path]] = field(default_factory=dict)  # kind -> photos
 
 
 @dataclass
@@ -155,6 +159,13 @@ class YollavaDataset:
         qa = _load_qa(root_path, loaded, ident)
         conversations = _load_conversations(root_path, loaded, ident)
         return cls(root_path, loaded, qa, conversations)
+
+
+def recognition_negatives(dataset: YollavaDataset, subject: str) -> dict[str, list[Path]]:
+    """Negatives by kind: `others` (every other subject's test photos, as the paper
+    evaluates) and each of the subject's own `negatives/<kind>/` folders."""
+    _, others = recognition_split(dataset, subject)
+    return {OTHERS: others, **dataset.subjects[subject].test_negatives}
 
 
 def recognition_split(dataset: YollavaDataset, subject: str) -> tuple[list[Path], list[Path]]:
@@ -355,8 +366,16 @@ def _discover_subjects(root: Path, subjects: Iterable[str] | None) -> list[str]:
 
 
 def _load_subject(root: Path, name: str) -> Subject:
+    negatives = {}
+    neg_root = root / "test" / name / "negatives"
+    if neg_root.is_dir():
+        for kind in sorted(p.name for p in neg_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            _check_subject_name(kind)  # the same charset rules as a subject folder
+            if kind == OTHERS:
+                raise DatasetError(f"{neg_root / kind}: {OTHERS!r} is reserved for other subjects' photos")
+            negatives[kind] = _list_images(root, neg_root / kind)
     return Subject(name, _list_images(root, root / "train" / name),
-                   _list_images(root, root / "test" / name))
+                   _list_images(root, root / "test" / name), negatives)
 
 
 def _list_images(root: Path, folder: Path) -> list[Path]:

@@ -1,6 +1,6 @@
 """Evaluate concepts and baselines on the Yo'LLaVA benchmark layout.
 
-    python -m yollava.evaluate --data DIR --concepts DIR --model ID [--out DIR]
+    python -m yollava.evaluate --data DIR --concepts DIR [--model mini|ID|PATH] [--out DIR]
         [--methods concept,vanilla,description,photo] [--generate]
 
 Recognition: for each subject, its test photos are positives and the other
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from yollava.artifacts import load_concept
 from yollava.backbone import Backbone, load_backbone
 from yollava.concept_model import ConceptLM, ConceptRows
-from yollava.data import QAItem, YollavaDataset, load_image, recognition_split
+from yollava.data import QAItem, YollavaDataset, load_image, recognition_negatives
 from yollava.generate import GenerationRequest, Generator, SamplingParams
 from yollava.metrics import QAResult, RecognitionResult, markdown_table, parse_yes_no
 from yollava.prompt import Message, PromptEncoder
@@ -54,14 +54,16 @@ class Prompting:
 
 class Evaluator:
     def __init__(self, backbone: Backbone, dataset: YollavaDataset, concepts: dict[str, ConceptRows],
-                 generate: bool = False, progress: bool = True):
+                 generate: bool = False, progress: bool = True, descriptions: dict[str, str] | None = None):
+        """`descriptions`: subject -> words for the description baseline (as the paper's
+        human-written ones); subjects without one are described by the base model."""
         self.backbone, self.dataset, self.concepts = backbone, dataset, concepts
         self.lm = ConceptLM(backbone)
         self.encoder = PromptEncoder.for_backbone(backbone)
         self.features = FeatureCache(backbone, load_image)
         self.generator = Generator(backbone)
         self.generate, self.progress = generate, progress
-        self._descriptions: dict[str, str] = {}
+        self._descriptions: dict[str, str] = dict(descriptions or {})
 
     def prompting(self, method: str, subject: str) -> Prompting | None:
         s = self.dataset.subjects[subject]
@@ -97,15 +99,22 @@ class Evaluator:
         return answer_logprobs(self.lm, self.encoder, msgs, candidates, p.concepts, feats)
 
     def recognition(self, p: Prompting, subject: str) -> dict:
-        pos, neg = recognition_split(self.dataset, subject)
+        """Likelihood (and optionally generated) recognition; negatives also reported by kind."""
+        pos = self.dataset.subjects[subject].test_images
+        negatives = recognition_negatives(self.dataset, subject)
         q = RECOGNITION_EVAL_QUESTION.format(c=f"<{subject}>")
-        pairs, gen_pairs = [], []
-        for path, truth in [(x, True) for x in pos] + [(x, False) for x in neg]:
+        items = [(x, True, None) for x in pos] + [(x, False, k) for k, xs in negatives.items() for x in xs]
+        pairs, gen_pairs, by_kind = [], [], {k: [] for k, xs in negatives.items() if xs}
+        for path, truth, kind in items:
             lp = self._score(p, q, PhotoRef(str(path)), ["Yes", "No"])
             pairs.append((truth, bool(lp[0] > lp[1])))
+            if kind is not None:
+                by_kind[kind].append((truth, pairs[-1][1]))
             if self.generate:
                 gen_pairs.append((truth, parse_yes_no(self._generate(p, q, path))))
-        out = {"likelihood": RecognitionResult.from_predictions(pairs).to_dict()}
+        out = {"likelihood": RecognitionResult.from_predictions(pairs).to_dict(),
+               "negative_by_kind": {k: RecognitionResult.from_predictions(v).negative_accuracy
+                                    for k, v in by_kind.items()}}
         if self.generate:
             out["generated"] = RecognitionResult.from_predictions(gen_pairs).to_dict()
         return out
@@ -157,6 +166,10 @@ def summarize(results: dict) -> list[dict]:
                      "positive": mean(r["positive_accuracy"] for r in rec),
                      "negative": mean(r["negative_accuracy"] for r in rec),
                      "weighted": mean(r["weighted_accuracy"] for r in rec),
+                     **{f"negative_{k}": mean(v["recognition"]["negative_by_kind"].get(k)
+                                              for v in subjects.values())
+                        for k in sorted({k for v in subjects.values()
+                                         for k in v["recognition"]["negative_by_kind"]})},
                      "visual_qa": mean(v["qa_visual"]["accuracy"] for v in subjects.values()),
                      "text_qa": mean(v["qa_text"]["accuracy"] for v in subjects.values())})
     return rows
@@ -180,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m yollava.evaluate", description=__doc__.split("\n")[1])
     ap.add_argument("--data", required=True, help="dataset root in the Yo'LLaVA layout")
     ap.add_argument("--concepts", help="folder of trained concepts (<name>/manifest.json)")
-    ap.add_argument("--model", required=True, help="HF id, local path, or tiny")
+    ap.add_argument("--model", default="mini", help="HF id, local path, mini (the shipped miniature model, default) or tiny (random)")
     ap.add_argument("--out", default="eval-results", help="folder for results.json and results.md")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--subjects", help="comma-separated subset")
