@@ -115,10 +115,23 @@ def test_image_installs_the_project():
         assert f"COPY {pkg}" in text
 
 
-def test_no_generated_images_committed():
-    """Sample photos are generated (examples/make_sample_photos.py), never committed."""
+def test_only_the_miniworld_subjects_are_committed_images():
+    """Demo photos are generated; the only committed images are the miniature world's sample
+    subjects, and those are exactly what their generator writes (checked in test_miniworld)."""
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     if not tracked:  # not a git checkout (e.g. an sdist): nothing to check
         return
-    images = [p for p in tracked if p.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))]
+    images = [p for p in tracked if p.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))
+              and not p.startswith("examples/miniworld/")]
     assert images == [], images
+
+
+def test_example_request_is_valid_and_its_photos_decode():
+    from cluster.request import check_subjects, load_request
+    from yollava.recipe import RecipeConfig
+
+    req = load_request(str(ROOT / "examples" / "request.yaml"))
+    assert req.base_model == "mini"
+    RecipeConfig.from_dict(req.recipe)
+    checked = check_subjects(req)
+    assert len(checked) == 6 and all(c.valid for c in checked), [c.reason for c in checked]

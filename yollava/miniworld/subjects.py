@@ -1,0 +1,160 @@
+"""Sample subjects of the miniature world, in the Yo'LLaVA dataset layout.
+
+    python -m yollava.miniworld.subjects [--out examples/miniworld] [--check]
+
+Six subjects of two owners (`ana`, `ben`); each is one object of the world,
+photographed in scenes with up to two other objects:
+
+    OUT/train/<name>/*.png               8 training photos
+    OUT/test/<name>/*.png                10 held-out photos (positives)
+    OUT/test/<name>/negatives/hard/*.png 10 held-out photos of the subject's twin:
+                                         the same object but for the unnamed notch
+    OUT/pool/*.png                       300 scenes for negatives (no subject in any)
+    OUT/yollava-visual-qa.json           multiple-choice questions per subject
+    OUT/subjects.json                    owners, and each subject in words
+
+No scene other than a subject's own holds that subject, and no distractor is a
+subject or a subject's twin, so every label is right by construction. The
+other subjects' test photos are the easy negatives, as in the paper. Files are
+deterministic in the seed: `--check` regenerates them into a temporary folder
+and compares bytes with OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import io
+import json
+import random
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from yollava.miniworld import world
+from yollava.miniworld.tasks import describe
+from yollava.miniworld.world import Obj
+
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "examples" / "miniworld"
+OWNERS = {"ana": ("pip", "zola", "kiki"), "ben": ("rex", "momo", "tuk")}
+SEED = 2024
+TRAIN, TEST, HARD, POOL = 8, 10, 10, 300
+
+
+@dataclass(frozen=True)
+class SampleSubject:
+    owner: str
+    name: str
+    obj: Obj
+
+    @property
+    def twin(self) -> Obj:
+        """The hard negative: the same object but for the notch (no word tells them apart)."""
+        return Obj(self.obj.shape, self.obj.colour, self.obj.pattern, (self.obj.notch + 1) % 4)
+
+    @property
+    def description(self) -> str:
+        """In the words pretraining used: 'a red plain circle' (the notch has none)."""
+        return describe(self.obj)
+
+
+def sample_subjects(seed: int = SEED) -> list[SampleSubject]:
+    """Six distinct objects, no two of the same shape and colour (so words tell subjects apart)."""
+    rng = random.Random(seed)
+    chosen: list[Obj] = []
+    while len(chosen) < sum(len(v) for v in OWNERS.values()):
+        o = rng.choice(world.ALL_OBJECTS)
+        if all((o.shape, o.colour) != (c.shape, c.colour) for c in chosen):
+            chosen.append(o)
+    names = [(owner, name) for owner, ns in OWNERS.items() for name in ns]
+    return [SampleSubject(owner, name, o) for (owner, name), o in zip(names, chosen)]
+
+
+def _png(scene: world.Scene) -> bytes:
+    buf = io.BytesIO()
+    scene.render().save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _qa(s: SampleSubject, rng: random.Random) -> dict[str, dict]:
+    """Two-option questions about the subject's words (answerable from a concept, without the photo)."""
+    out = {}
+    for i, (attr, values) in enumerate([("colour", world.COLOURS), ("shape", world.SHAPES),
+                                        ("pattern", world.PATTERNS)]):
+        truth = getattr(s.obj, attr)
+        wrong = rng.choice([v for v in values if v != truth])
+        opts = [truth, wrong]
+        rng.shuffle(opts)
+        q = {"colour": "What colour is <sks>?", "shape": "What shape is <sks>?",
+             "pattern": "What pattern does <sks> have?"}[attr]
+        out[f"./yollava-data/test/{s.name}/{i}.png"] = {
+            "question": q, "options": {"A": opts[0], "B": opts[1]},
+            "correct_answer": "A" if opts[0] == truth else "B"}
+    return out
+
+
+def generate(out: Path, seed: int = SEED) -> list[SampleSubject]:
+    subjects = sample_subjects(seed)
+    rng = random.Random(seed + 1)
+    banned = {s.obj for s in subjects} | {s.twin for s in subjects}
+    others = tuple(o for o in world.ALL_OBJECTS if o not in banned)
+    files: dict[str, bytes] = {}
+    for s in subjects:
+        def scenes(must: Obj, n: int) -> list[world.Scene]:
+            return [world.random_scene(rng, must=[must], n_objects=(1, 3), pool=others) for _ in range(n)]
+        for i, sc in enumerate(scenes(s.obj, TRAIN)):
+            files[f"train/{s.name}/{i}.png"] = _png(sc)
+        for i, sc in enumerate(scenes(s.obj, TEST)):
+            files[f"test/{s.name}/{i}.png"] = _png(sc)
+        for i, sc in enumerate(scenes(s.twin, HARD)):
+            files[f"test/{s.name}/negatives/hard/{i}.png"] = _png(sc)
+    for i in range(POOL):
+        files[f"pool/{i:03d}.png"] = _png(world.random_scene(rng, n_objects=(1, 3), pool=others))
+    qa = {s.name: _qa(s, rng) for s in subjects}
+    meta = {"seed": seed, "subjects": [{"owner": s.owner, "name": s.name, "description": s.description,
+                                        "object": vars(s.obj), "twin_notch": s.twin.notch} for s in subjects]}
+    files["yollava-visual-qa.json"] = (json.dumps(qa, indent=1, sort_keys=True) + "\n").encode()
+    files["subjects.json"] = (json.dumps(meta, indent=1) + "\n").encode()
+    for rel, data in files.items():
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return subjects
+
+
+def differences(out: Path, seed: int = SEED) -> list[str]:
+    """Files that differ between OUT and a fresh generation (missing, extra or changed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(Path(tmp), seed)
+        fresh = {p.relative_to(tmp).as_posix() for p in Path(tmp).rglob("*") if p.is_file()}
+        have = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} if out.is_dir() else set()
+        bad = sorted(fresh ^ have)
+        bad += sorted(r for r in fresh & have if not filecmp.cmp(Path(tmp) / r, out / r, shallow=False))
+    return bad
+
+
+def load_meta(root: Path = DEFAULT_OUT) -> dict:
+    return json.loads((root / "subjects.json").read_text())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="generate the miniature world's sample subjects")
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--check", action="store_true", help="compare OUT with a fresh generation, write nothing")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.check:
+        bad = differences(out, args.seed)
+        for b in bad[:20]:
+            print(f"differs: {b}", file=sys.stderr)
+        return 1 if bad else 0
+    subjects = generate(out, args.seed)
+    for s in subjects:
+        print(f"{s.owner}/{s.name}: {s.description} (notch {s.obj.notch}; twin notch {s.twin.notch})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
