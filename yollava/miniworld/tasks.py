@@ -19,6 +19,7 @@ from yollava.prompt import Message
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NUM_NAMES = 32
+QUESTIONS = [*templates.RECOGNITION_QUESTIONS, templates.RECOGNITION_EVAL_QUESTION]  # training + evaluation forms
 
 
 @dataclass
@@ -132,8 +133,12 @@ def _definition(rng: random.Random, o: Obj, by_example: bool) -> Definition:
     return Definition(name, examples=examples)
 
 
-def naming(rng: random.Random, by_example: bool, hard_share: float = 0.5) -> Task:
-    """`<nJ> is <definition>.` then a recognition question; half yes, half no (hard or easy)."""
+def naming(rng: random.Random, by_example: bool, hard_share: float = 0.5, negative: str | None = None) -> Task:
+    """`<nJ> is <definition>.` then a recognition question; half yes, half no (hard or easy).
+
+    `negative` forces the kind of every "no" scene: an attribute name (that
+    attribute differs, e.g. "notch") or "easy" (any other object).
+    """
     o = rng.choice(world.ALL_OBJECTS)
     d = _definition(rng, o, by_example)
     c = f"<n{d.name}>"
@@ -143,14 +148,16 @@ def naming(rng: random.Random, by_example: bool, hard_share: float = 0.5) -> Tas
         scene, yes = world.random_scene(rng, must=[o], avoid=set(variants["notch"])), True
     else:
         kinds = variants if by_example else described  # words cannot tell the notch
-        if rng.random() < hard_share:
+        if negative is not None and negative != "easy":
+            other = rng.choice(kinds[negative])
+        elif negative is None and rng.random() < hard_share:
             kind = "notch" if by_example and rng.random() < 0.5 else rng.choice(list(kinds))
             other = rng.choice(kinds[kind])
         else:
             other = rng.choice([x for x in world.ALL_OBJECTS if x != o])
         avoid = {o} if by_example else {x for x in world.ALL_OBJECTS if _matches(x, o, ("shape", "colour", "pattern"))}
         scene, yes = world.random_scene(rng, must=[other], avoid=avoid), False
-    q = rng.choice(templates.RECOGNITION_QUESTIONS).format(c=c)
+    q = rng.choice(QUESTIONS).format(c=c)
     a = rng.choice(templates.YES_ANSWERS if yes else templates.NO_ANSWERS).format(c=c)
     kind = "naming_example" if by_example else "naming_words"
     return Task(kind, scene, [Message("user", q, 1), Message("assistant", a.lower())], d,
@@ -167,11 +174,124 @@ def blind_attribute(rng: random.Random) -> Task:
     return Task("blind_attribute", None, [Message("user", q, 0), Message("assistant", _attribute_answer(i, o))], d)
 
 
-MIX = {"existence": 3, "attribute": 2, "counting": 1, "caption": 1, "main_subject": 1,
-       "naming_words": 2, "naming_example": 4, "blind_attribute": 2}
+ATTRS = ("colour", "shape", "pattern")
+QA_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+
+
+def naming_text(rng: random.Random) -> Task:
+    """A name bound by a description in an earlier turn (no concept rows), then recognition.
+
+    The form of the evaluation's description baseline: the name is plain text
+    (its word is unknown to the vocabulary), the description is words.
+    """
+    o = rng.choice(world.ALL_OBJECTS)
+    c = "<sks>"
+    described = {k: v for k, v in o.variants().items() if k != "notch"}
+    yes = rng.random() < 0.5
+    if yes:
+        scene = world.random_scene(rng, must=[o])
+    else:
+        other = rng.choice(described[rng.choice(list(described))]) if rng.random() < 0.5 else \
+            rng.choice([x for x in world.ALL_OBJECTS if x != o])
+        avoid = {x for x in world.ALL_OBJECTS if _matches(x, o, ("shape", "colour", "pattern"))}
+        scene = world.random_scene(rng, must=[other], avoid=avoid)
+    q = rng.choice(QUESTIONS).format(c=c)
+    a = rng.choice(templates.YES_ANSWERS if yes else templates.NO_ANSWERS).format(c=c)
+    lead = [Message("user", f"{c} is {describe(o)}."), Message("assistant", f"understood, that is {c}.")]
+    return Task("naming_text", scene, [*lead, Message("user", q, 1), Message("assistant", a.lower())],
+                candidates=["yes", "no"], correct=0 if yes else 1)
+
+
+def blind_choice(rng: random.Random) -> Task:
+    """Text only, two options: an attribute of a named object (the evaluation's QA form)."""
+    o = rng.choice(world.ALL_OBJECTS)
+    d = _definition(rng, o, by_example=rng.random() < 0.7)
+    c = f"<n{d.name}>"
+    attr = rng.choice(ATTRS)
+    values = {"colour": world.COLOURS, "shape": world.SHAPES, "pattern": world.PATTERNS}[attr]
+    truth = getattr(o, attr)
+    opts = [truth, rng.choice([v for v in values if v != truth])]
+    rng.shuffle(opts)
+    q = {"colour": f"what colour is {c}?", "shape": f"what shape is {c}?",
+         "pattern": f"what pattern does {c} have?"}[attr]
+    q = f"{q}\na. {opts[0]}\nb. {opts[1]}{QA_SUFFIX}"
+    correct = opts.index(truth)
+    return Task("blind_choice", None, [Message("user", q, 0), Message("assistant", "ab"[correct])], d,
+                candidates=["a", "b"], correct=correct)
+
+
+def _single(rng: random.Random) -> Obj:
+    return rng.choice(world.ALL_OBJECTS)
+
+
+def single_attribute(rng: random.Random) -> Task:
+    """Read one attribute of the only object: cannot be answered without the photo."""
+    o = _single(rng)
+    scene = world.random_scene(rng, must=[o], n_objects=(1, 1))
+    kind = rng.choice(ATTRS)
+    values = {"colour": world.COLOURS, "shape": world.SHAPES, "pattern": world.PATTERNS}[kind]
+    q = {"colour": "what colour is the object?", "shape": "what shape is the object?",
+         "pattern": "what pattern does the object have?"}[kind]
+    a = getattr(o, kind)
+    return Task("single_attribute", scene, [Message("user", q, 1), Message("assistant", f"{a}.")],
+                candidates=[f"{v}." for v in values], correct=list(values).index(a))
+
+
+def single_check(rng: random.Random) -> Task:
+    """Compare one attribute of the only object with a word: yes or no, balanced."""
+    o = _single(rng)
+    scene = world.random_scene(rng, must=[o], n_objects=(1, 1))
+    kind = rng.choice(ATTRS)
+    values = {"colour": world.COLOURS, "shape": world.SHAPES, "pattern": world.PATTERNS}[kind]
+    yes = rng.random() < 0.5
+    v = getattr(o, kind) if yes else rng.choice([x for x in values if x != getattr(o, kind)])
+    q = {"colour": f"is the object {v}?", "shape": f"is the object a {v}?", "pattern": f"is the object {v}?"}[kind]
+    return Task("single_check", scene, [Message("user", q, 1), Message("assistant", "yes." if yes else "no.")],
+                candidates=["yes.", "no."], correct=0 if yes else 1)
+
+
+def position(rng: random.Random) -> Task:
+    """What is in one cell: the object in words, or nothing."""
+    scene = world.random_scene(rng)
+    occupied = [i for i, o in enumerate(scene.cells) if o is not None]
+    i = rng.choice(occupied) if rng.random() < 0.8 else rng.randrange(len(scene.cells))
+    o = scene.cells[i]
+    a = "nothing." if o is None else describe(o) + "."
+    return Task("position", scene, [Message("user", f"what is in the {world.POSITIONS[i]}?", 1),
+                                    Message("assistant", a)])
+
+
+# the curriculum: readouts first (they teach the language model to look at image
+# tokens), comparisons next, names last; the mix moves linearly from START to MIX
+# over the first `ramp` share of the steps
+START = {"single_attribute": 4, "single_check": 3, "position": 2, "attribute": 1, "caption": 1,
+         "existence": 1, "naming_words": 0.5, "naming_example": 0.5}
+MIX = {"single_attribute": 0.5, "single_check": 0.5, "position": 1, "existence": 3, "attribute": 2,
+       "counting": 1, "caption": 1, "main_subject": 1, "naming_words": 2, "naming_example": 5,
+       "naming_text": 1.5, "blind_attribute": 1.5, "blind_choice": 1}
 MAKERS = {"existence": existence, "attribute": attribute, "counting": counting, "caption": caption,
           "main_subject": main_subject, "naming_words": lambda r: naming(r, False),
-          "naming_example": lambda r: naming(r, True), "blind_attribute": blind_attribute}
+          "naming_example": lambda r: naming(r, True), "blind_attribute": blind_attribute,
+          "naming_text": naming_text, "blind_choice": blind_choice,
+          "single_attribute": single_attribute, "single_check": single_check, "position": position,
+          "naming_notch": lambda r: naming(r, True, negative="notch"),
+          "naming_easy": lambda r: naming(r, True, negative="easy")}
+
+
+# the gated curriculum: each stage's mix until its probe reaches the bar, then the next
+STAGES = [
+    ({"single_attribute": 1, "single_check": 1}, "single_check", 0.9),
+    ({"single_attribute": 1, "single_check": 1, "position": 1, "attribute": 1, "existence": 2, "caption": 0.5},
+     "existence", 0.85),
+    ({**MIX, "naming_words": 4, "naming_text": 2, "naming_example": 2}, "naming_words", 0.85),
+    (MIX, None, None),
+]
+
+
+def mix_at(frac: float, ramp: float = 0.4) -> dict[str, float]:
+    """The task mix at `frac` of pretraining: START moving to MIX, then MIX."""
+    t = min(1.0, frac / ramp) if ramp > 0 else 1.0
+    return {k: (1 - t) * START.get(k, 0.0) + t * MIX.get(k, 0.0) for k in {*START, *MIX}}
 
 
 def sample_task(rng: random.Random, mix: dict[str, float] = MIX) -> Task:
