@@ -188,19 +188,21 @@ def load_pretrainer(folder: Path = WEIGHTS) -> MiniPretrainer:
 
 
 def train(steps: int, batch: int, lr: float, seed: int, out: Path | None, probe_every: int,
-          ramp: float = 0.4, probe_n: int = 400, gated: bool = False) -> dict:
+          ramp: float = 0.4, probe_n: int = 400, gated: bool = False, stop_at: int | None = None) -> dict:
     """`steps` optimizer steps of `batch` tasks; reproducible: the schedule depends on the step,
-    and with `gated` on deterministic probes (each stage of `STAGES` until its probe passes)."""
+    and with `gated` on deterministic probes (each stage of `STAGES` until its probe passes).
+    `stop_at` ends the run after that step of the `steps`-long schedule."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     pt = MiniPretrainer(seed)
     opt = torch.optim.AdamW(pt.parameters(), lr=lr, weight_decay=0.01)
     history: list[dict] = []
-    result = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "ramp": ramp, "gated": gated,
+    last = min(stop_at or steps, steps)
+    result = {"steps": steps, "stop_at": last, "probe_every": probe_every, "batch": batch, "lr": lr, "seed": seed, "ramp": ramp, "gated": gated,
               "history": history, "stages": []}
     stage = 0
     t0 = time.time()
-    for step in tqdm(range(1, steps + 1), desc="pretraining", unit="step", mininterval=10):
+    for step in tqdm(range(1, last + 1), desc="pretraining", unit="step", mininterval=10):
         frac = step / steps
         for g in opt.param_groups:  # warm-up, then cosine to a tenth
             g["lr"] = lr * min(1.0, step / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -246,6 +248,38 @@ PROBE_TEXT = {
 }
 
 
+def command(result: dict) -> str:
+    args = f"--steps {result['steps']} --batch {result['batch']} --lr {result['lr']} --seed {result['seed']}"
+    if result.get("stop_at", result["steps"]) != result["steps"]:
+        args += f" --stop-at {result['stop_at']}"
+    if result.get("gated"):
+        return args + f" --gated --probe-every {result.get('probe_every', 250)}"
+    return args + f" --ramp {result.get('ramp', 0.4)} --probe-every {result.get('probe_every', 500)}"
+
+
+def schedule(result: dict) -> str:
+    if result.get("gated"):
+        stages = ", ".join(f"stage {i + 1} at step {s}" for i, s in enumerate(result.get("stages", [])))
+        return ("Gated curriculum (`STAGES` in tasks.py): readouts of the only object and single "
+                "comparisons until the comparison probe passes 0.9; then positions, attributes and "
+                "existence until existence passes 0.85; then everything, names weighted up, until "
+                f"names bound by words pass 0.85; then the full mix ({stages or 'no stage passed'}).")
+    return (f"The task mix moves from readouts and single comparisons to the full mix over the first "
+            f"{int(100 * result.get('ramp', 0.4))}% of the steps.")
+
+
+TARGETS = {"existence": 0.95, "attribute": 0.95, "naming_example": 0.9}
+
+
+def shortfall(probe: dict) -> str:
+    short = [f"{k} {probe[k]:.3f} (target {t})" for k, t in TARGETS.items() if probe.get(k, 0) < t]
+    if not short:
+        return "This base meets all three."
+    return ("This base falls short: " + ", ".join(short) + ". Names bound by example photos are "
+            "the weakest skill, and the unnamed notch is barely read (`naming_notch`); personalization "
+            "on this base inherits both (see the reproduction in the project README).")
+
+
 def card(result: dict) -> str:
     """The model card: how the weights were made and what they measure on held-out probes."""
     rows = "\n".join(f"| {k} | {result['probe'][k]:.3f} | {PROBE_TEXT.get(k, '')} |" for k in result["probe"])
@@ -265,16 +299,13 @@ are only good for this world.
 
 ## How it was made
 
-    python -m yollava.miniworld.pretrain --steps {result['steps']} --batch {result['batch']} \\
-        --lr {result['lr']} --seed {result['seed']} --ramp {result.get('ramp', 0.4)}
+    OMP_NUM_THREADS=1 python -m yollava.miniworld.pretrain {command(result)}
 
-{result['steps']} AdamW steps of {result['batch']} questions (one scene each), all weights
-trained, {result.get('minutes', '?')} minutes on one CPU core. Losses: the answers' tokens;
+{result.get('stop_at', result['steps'])} AdamW steps (of a {result['steps']}-step cosine schedule) of {result['batch']} questions
+(one scene each), all weights trained, {result.get('minutes', '?')} minutes on one CPU core. Losses: the answers' tokens;
 per-patch heads on the vision tower (shape, colour, pattern, notch or empty of each
 cell); image tokens pulled towards the sum of their cell's word embeddings (plus a
-learned vector per notch). The task mix moves from readouts (the only object's
-colour, what is in a cell) and single comparisons to the full curriculum over the
-first {int(100 * result.get('ramp', 0.4))}% of the steps: existence, attributes,
+learned vector per notch). {schedule(result)} The curriculum ends with: existence, attributes,
 counting, captions, names bound by words (as concept rows or as text) and by
 example photos (as concept rows: the image tokens of the object), text-only
 attribute questions and two-option questions. `pretrain-extras.safetensors` holds
@@ -288,6 +319,11 @@ the likeliest candidate answer. Chance: 0.5 for yes/no kinds, 1/3–1/6 for attr
 | probe | accuracy | question |
 |---|---|---|
 {rows}
+
+## Against the targets
+
+The project asked for ≥ 0.95 on existence and attribute questions and ≥ 0.9 on
+naming by example. {shortfall(result['probe'])}
 
 ## Training curve (probes of 60 questions)
 
@@ -305,6 +341,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ramp", type=float, default=0.4, help="share of the steps over which the mix moves "
                     "from readouts to the full curriculum")
+    ap.add_argument("--stop-at", type=int, default=None, help="end after this step of the --steps schedule")
     ap.add_argument("--gated", action="store_true", help="stages gated on probe accuracy instead of the ramp")
     ap.add_argument("--probe-every", type=int, default=500)
     ap.add_argument("--out", default=str(WEIGHTS))
@@ -316,7 +353,7 @@ def main(argv=None) -> int:
         (out / "README.md").write_text(card(json.loads((out / "pretrain.json").read_text())))
         return 0
     result = train(args.steps, args.batch, args.lr, args.seed, Path(args.out) if args.out else None,
-                   args.probe_every, args.ramp, gated=args.gated)
+                   args.probe_every, args.ramp, gated=args.gated, stop_at=args.stop_at)
     print(json.dumps(result["probe"]))
     return 0
 
