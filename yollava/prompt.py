@@ -74,6 +74,10 @@ class PromptEncoder:
         self.num_image_tokens = num_image_tokens
         self.system = system
         self.add_bos = add_bos and tokenizer.bos_token_id is not None
+        # a word-level vocabulary (the miniature model's) has no spaces in its tokens:
+        # words are joined by spaces, so decoded pieces around a concept are too
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.word_level = type(getattr(backend, "model", None)).__name__ == "WordLevel"
 
     @classmethod
     def for_backbone(cls, backbone, **kw) -> "PromptEncoder":
@@ -150,6 +154,8 @@ class PromptEncoder:
             out.append(slot_to_text.get(int(i) - self.vocab_size, ""))
         if run:
             out.append(self.tokenizer.decode(run, skip_special_tokens=True))
+        if self.word_level:
+            return re.sub(r" ([.,?!:;])", r"\1", " ".join(p.strip() for p in out if p.strip()))
         return "".join(out)
 
 
