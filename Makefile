@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install test demo reproduce clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test: install
 # The main job end to end on one machine (local Ray, file:// store, sample subjects of two owners).
 demo: install
 	$(PY) -m serve.demo --workdir runs/demo
+
+# The paper's comparison on the miniature model and the sample subjects (~15 min on 2 cores).
+reproduce: install
+	$(PY) -m yollava.miniworld.reproduce --out runs/reproduce
 
 clean:
 	rm -rf $(VENV) .pytest_cache

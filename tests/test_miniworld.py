@@ -2,6 +2,7 @@
 answer truthfully, a word-level tokenizer, and the pretraining losses on a real step."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,3 +90,159 @@ def test_every_task_kind_terminates_on_crowded_scenes():
     for kind, make in tasks.MAKERS.items():
         for _ in range(200):
             make(rng)
+
+
+# ---------------------------------------------------------------- sample subjects
+
+
+def _cells(path) -> list[np.ndarray]:
+    from PIL import Image
+
+    img = np.asarray(Image.open(path).convert("RGB"))
+    return [img[r * world.CELL:(r + 1) * world.CELL, c * world.CELL:(c + 1) * world.CELL]
+            for r in range(world.GRID) for c in range(world.GRID)]
+
+
+def _holds(path, obj) -> bool:
+    cell = world.draw(obj)
+    return any(np.array_equal(c, cell) for c in _cells(path))
+
+
+def test_committed_sample_subjects_are_what_the_generator_writes():
+    from yollava.miniworld.subjects import DEFAULT_OUT, differences
+
+    assert differences(DEFAULT_OUT) == []
+
+
+def test_sample_subject_labels_are_right_by_construction():
+    """Read back from the pixels: each subject is in its own photos and nowhere else;
+    its hard negatives hold its twin (the notch differs) and not the subject."""
+    from yollava.data import YollavaDataset
+    from yollava.miniworld.subjects import DEFAULT_OUT, sample_subjects
+
+    ds = YollavaDataset.load(DEFAULT_OUT)
+    subjects = sample_subjects()
+    assert {s.name for s in subjects} == set(ds.subjects) and len({s.owner for s in subjects}) == 2
+    pool = sorted((DEFAULT_OUT / "pool").glob("*.png"))
+    for s in subjects:
+        own = ds.subjects[s.name]
+        assert 5 <= len(own.train_images) <= 10 and len(own.test_images) >= 5
+        assert all(_holds(p, s.obj) for p in own.train_images + own.test_images)
+        hard = own.test_negatives["hard"]
+        assert hard and all(_holds(p, s.twin) and not _holds(p, s.obj) for p in hard)
+        assert s.twin.words() == s.obj.words() and s.twin != s.obj
+        others = [p for o in subjects if o != s for p in ds.subjects[o.name].test_images]
+        assert not any(_holds(p, s.obj) for p in others + pool[::10])
+
+
+def test_new_tasks_answer_truthfully():
+    rng = random.Random(1)
+    for _ in range(100):
+        t = tasks.single_check(rng)
+        o = t.scene.objects()[0]
+        word = t.messages[0].text.removeprefix("is the object ").removeprefix("a ").rstrip("?")
+        assert (word in (o.colour, o.shape, o.pattern)) == (t.correct == 0)
+        t = tasks.naming_text(rng)
+        desc = t.messages[0].text.removeprefix("<sks> is ").rstrip(".")
+        assert any(tasks.describe(x) == desc for x in t.scene.objects()) == (t.correct == 0)
+        t = tasks.naming(rng, by_example=True, negative="notch")
+        target = t.definition.examples[0][0].cells[t.definition.examples[0][1]]
+        if t.correct == 1:
+            assert target not in t.scene.objects()
+            assert any(x.words() == target.words() for x in t.scene.objects())
+
+
+# ---------------------------------------------------------------- the shipped model
+
+
+def _shipped_weights():
+    from yollava.miniworld.model import WEIGHTS
+
+    if not (WEIGHTS / "model.safetensors").is_file():
+        pytest.fail(f"the miniature model's weights are missing from {WEIGHTS}")
+    return WEIGHTS
+
+
+def test_shipped_weights_are_small_and_carded():
+    import json
+
+    w = _shipped_weights()
+    assert (w / "model.safetensors").stat().st_size <= 25 * 2 ** 20
+    card = (w / "README.md").read_text()
+    probe = json.loads((w / "pretrain.json").read_text())["probe"]
+    for kind, acc in probe.items():
+        assert f"{acc:.3f}" in card, kind  # the card shows the measured figures
+
+
+@pytest.mark.slow
+def test_shipped_weights_reproduce_the_card():
+    import json
+
+    from yollava.miniworld.pretrain import load_pretrainer
+
+    w = _shipped_weights()
+    card = json.loads((w / "pretrain.json").read_text())["probe"]
+    kinds = ("existence", "attribute", "naming_example")
+    got = load_pretrainer(w).probe(kinds, n=400)
+    for k in kinds:
+        assert abs(got[k] - card[k]) <= 0.02, (k, got[k], card[k])
+
+
+@pytest.mark.slow
+def test_personalizing_a_sample_subject_beats_vanilla():
+    """End to end on the shipped model: photos -> negatives mined -> concept trained ->
+    held-out recognition (the evaluation harness) well above the name alone."""
+    from dataclasses import replace
+
+    from yollava.data import YollavaDataset, load_image
+    from yollava.evaluate import Evaluator, Prompting
+    from yollava.miniworld.reproduce import MINI_RECIPE
+    from yollava.miniworld.subjects import DEFAULT_OUT
+    from yollava.personalize import SubjectSpec, personalize
+    from yollava.train import build_pool
+
+    _shipped_weights()
+    backbone = load_backbone("mini")
+    ds = YollavaDataset.load(DEFAULT_OUT)
+    name = "pip"
+    spec = SubjectSpec(name, [str(p) for p in ds.subjects[name].train_images], owner="ana")
+    pool = build_pool(str(DEFAULT_OUT / "pool"), backbone, "vision-tower")
+    recipe = replace(MINI_RECIPE, epochs=4)
+    rows = personalize(backbone, [spec], load_image, pool, recipe, progress=False)[name].rows
+    ev = Evaluator(backbone, ds, {name: rows}, progress=False)
+    vanilla = ev.recognition(Prompting([], [], []), name)["likelihood"]["weighted_accuracy"]
+    concept = ev.recognition(ev.prompting("concept", name), name)["likelihood"]["weighted_accuracy"]
+    assert concept >= vanilla + 0.2 and concept >= 0.75, (concept, vanilla)
+
+
+@pytest.mark.slow
+def test_reproduce_writes_the_table_plot_and_figures(tmp_path):
+    from dataclasses import replace
+
+    from yollava.miniworld.reproduce import MINI_RECIPE, reproduce
+    from yollava.miniworld.subjects import DEFAULT_OUT
+
+    _shipped_weights()
+    small = replace(MINI_RECIPE, epochs=1, hard_negatives=4, easy_negatives=4, attribute_questions=2)
+    report = reproduce(load_backbone("mini"), DEFAULT_OUT, tmp_path, seeds=[0], ks=[16],
+                       recipes={"yollava": small, "no_hard_negatives": replace(small, hard_negatives=0,
+                                                                               easy_negatives=8)},
+                       progress=False)
+    assert set(report["summary"]) == {"vanilla", "description", "yollava", "no_hard_negatives"}
+    for method, agg in report["summary"].items():
+        assert agg["n"] == 6, method
+        assert {"pos", "neg", "weighted", "neg_hard", "neg_easy", "text_qa"} <= set(agg), method
+        assert abs(agg["weighted"] - (agg["pos"] + agg["neg"]) / 2) < 1e-9
+    assert (tmp_path / "recognition.png").stat().st_size > 1000
+    assert "| yollava |" in (tmp_path / "results.md").read_text()
+
+
+def test_example_recipe_file_is_the_mini_recipe():
+    import yaml
+
+    from yollava.miniworld.reproduce import MINI_RECIPE
+    from yollava.recipe import RecipeConfig
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "mini-recipe.yaml"
+    assert RecipeConfig.from_dict(yaml.safe_load(path.read_text())) == MINI_RECIPE
+    assert MINI_RECIPE.flip is False  # a flip moves the notch: the twin would become a positive
