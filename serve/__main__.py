@@ -1,6 +1,6 @@
 """One machine: `python -m serve` starts a local Ray, the chat app, and prints demo keys.
 
-    python -m serve                                   # file store under ~/.cache/yollava/store, tiny model
+    python -m serve                                   # file store under ~/.cache/yollava/store, the mini model
     python -m serve --store s3://bucket/prefix --s3-endpoint-url http://127.0.0.1:9000 --model tiny
     python -m serve --keys keys.json                  # your own keys (python -m serve.keys create ...)
 
@@ -24,7 +24,7 @@ DEFAULT_STORE = Path.home() / ".cache" / "yollava" / "store"
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--store", default=DEFAULT_STORE.as_uri(), help="s3://bucket/prefix or file:///path")
-    p.add_argument("--model", default="tiny", help="Hugging Face id, local path, or tiny")
+    p.add_argument("--model", default="mini", help="Hugging Face id, local path, mini (the shipped miniature model) or tiny (random)")
     p.add_argument("--keys", default=None, help="API keys file; default: demo keys for this run")
     p.add_argument("--demo-tenants", default="alice,bob", help="tenants given demo keys (without --keys)")
     p.add_argument("--host", default="127.0.0.1")

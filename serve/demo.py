@@ -1,19 +1,22 @@
 """The main job end to end on one machine: personalize, serve, chat, shut down.
 
-    python -m serve.demo [--workdir runs/demo] [--model tiny]
+    python -m serve.demo [--workdir runs/demo] [--model mini]
 
-1. writes sample photos (two owners, three subjects each, and a negative pool);
+1. a personalization request for the miniature world's sample subjects
+   (`examples/miniworld`: two owners, three subjects each, and a negative pool);
 2. personalizes every subject with `cluster.personalize` on a local Ray into a
    `file://` artifact store (progress bar, summary table);
 3. starts the chat service (Ray Serve, OpenAI-compatible) with a demo key per owner;
-4. alice sends a photo of her `<bo>`, asks whether `<bo>` is in it and asks about
-   her `<mug>`; bob asks a text question about his `<bike>`; both through the
-   official `openai` client;
-5. prints the answers and each subject's held-out recognition accuracy, and shuts
+4. ana sends a held-out photo of her `<pip>` and one of its twin (the same object
+   but for a notch no word names) and asks whether `<pip>` is in each; ben asks
+   a text question about his `<rex>`; all through the official `openai` client;
+5. prints the answers and each subject's held-out recognition (the evaluation
+   harness on the test photos: the concept against the bare name), and shuts
    everything down.
 
-The default model is `tiny`, a random-weight LLaVA built in code: the
-plumbing is real, the answers are noise until the miniature model ships.
+The default model is `mini`, the miniature LLaVA shipped in
+`yollava/miniworld/weights` (see its card); `--model tiny` runs the same
+plumbing on random weights.
 """
 
 from __future__ import annotations
@@ -21,16 +24,19 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
+from yollava.miniworld.reproduce import MINI_RECIPE
+from yollava.miniworld.subjects import DEFAULT_OUT as SAMPLES, load_meta
+
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = {"num_latent": 4, "epochs": 2, "hard_negatives": 4, "easy_negatives": 4, "positive_questions": 1,
-          "attribute_questions": 2, "max_answer_tokens": 8, "near_duplicate": 1.0}
+RECIPE = replace(MINI_RECIPE, epochs=5).to_dict()
+OWNERS = ("ana", "ben")
 
 
 def step(n: int, text: str) -> None:
@@ -38,15 +44,14 @@ def step(n: int, text: str) -> None:
 
 
 def write_request(work: Path, model: str) -> Path:
-    photos = (work / "photos").resolve()  # paths in a request are relative to the request file
-    subprocess.run([sys.executable, str(ROOT / "examples" / "make_sample_photos.py"), str(photos)], check=True)
-    subjects = [{"owner": owner, "name": name, "photos": str(photos / owner / name)}
-                for owner in ("alice", "bob") for name in sorted(p.name for p in (photos / owner).iterdir())]
+    meta = load_meta(SAMPLES)
+    subjects = [{"owner": m["owner"], "name": m["name"], "description": m["description"],
+                 "photos": str(SAMPLES / "train" / m["name"])} for m in meta["subjects"]]
     request = {"base_model": model, "store": (work / "store").resolve().as_uri(), "recipe": RECIPE,
-               "negatives": str(photos / "pool"), "subjects": subjects}
+               "negatives": str(SAMPLES / "pool"), "subjects": subjects}
     path = work / "request.yaml"
     path.write_text(yaml.safe_dump(request, sort_keys=False))
-    print(f"request: {path} ({len(subjects)} subjects of 2 owners)")
+    print(f"request: {path} ({len(subjects)} subjects of {len(OWNERS)} owners)")
     return path
 
 
@@ -77,32 +82,56 @@ def chat(work: Path, store_uri: str, model: str) -> list[tuple[str, str, str]]:
 
     keys_file = work / "keys.json"
     keys_file.unlink(missing_ok=True)
-    keys = {t: create_key(keys_file, t) for t in ("alice", "bob")}
+    keys = {t: create_key(keys_file, t) for t in OWNERS}
     for t, k in keys.items():
         print(f"demo key for {t}: {k}")
     app = start(AppArgs(store=store_uri, keys=str(keys_file), model=model))
+    question = "Is <pip> in this photo? Answer with yes or no."
+    pip = SAMPLES / "test" / "pip" / "0.png"
+    twin = SAMPLES / "test" / "pip" / "negatives" / "hard" / "0.png"
     try:
         print(f"chat service on {app.url}/v1")
-        photo = sorted((work / "photos" / "alice" / "bo").iterdir())[0]
-        asks = [("alice", [{"type": "image_url", "image_url": {"url": data_url(photo)}},
-                           {"type": "text", "text": "Is <bo> in this photo? And what should I buy <mug>?"}]),
-                ("bob", "What should I buy <bike> for its birthday?")]
+        asks = [("ana", pip, question), ("ana", twin, question), ("ben", None, "What colour is <rex>?")]
         out = []
-        for tenant, content in asks:
+        for tenant, photo, text in asks:
+            content = text if photo is None else [
+                {"type": "image_url", "image_url": {"url": data_url(photo)}}, {"type": "text", "text": text}]
             client = OpenAI(base_url=f"{app.url}/v1", api_key=keys[tenant], max_retries=2, timeout=120)
             r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
                                                max_tokens=24, temperature=0)
-            text = content if isinstance(content, str) else f"[photo {photo.name}] {content[1]['text']}"
-            out.append((tenant, text, r.choices[0].message.content))
+            shown = text if photo is None else f"[{photo.relative_to(SAMPLES)}] {text}"
+            out.append((tenant, shown, r.choices[0].message.content))
         return out
     finally:
         app.stop()
 
 
+def held_out(store_uri: str, model: str) -> list[dict]:
+    """Recognition on the sample subjects' test photos: each trained concept vs the bare name."""
+    from cluster.store import open_store
+    from yollava.backbone import load_backbone
+    from yollava.data import YollavaDataset
+    from yollava.evaluate import Evaluator, Prompting
+
+    backbone = load_backbone(model)
+    store = open_store(store_uri)
+    ds = YollavaDataset.load(SAMPLES)
+    rows = []
+    for m in load_meta(SAMPLES)["subjects"]:
+        art = store.get_concept(m["owner"], m["name"])
+        ev = Evaluator(backbone, ds, {m["name"]: art.rows}, progress=False)
+        rec = {"vanilla": ev.recognition(Prompting([], [], []), m["name"]),
+               "concept": ev.recognition(ev.prompting("concept", m["name"]), m["name"])}
+        rows.append({"subject": f"{m['owner']}/{m['name']}", "version": art.version,
+                     **{k: v["likelihood"]["weighted_accuracy"] for k, v in rec.items()},
+                     "concept_hard": rec["concept"]["negative_by_kind"].get("hard")})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serve.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default="runs/demo")
-    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--model", default="mini")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     work = Path(args.workdir)
@@ -112,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # one local Ray for both steps; workers' and replicas' logs stay in Ray's log folder
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    step(1, "sample photos and a personalization request")
+    step(1, "a personalization request for the sample subjects")
     request = write_request(work, args.model)
     step(2, "batch personalization on a local Ray (cluster.personalize)")
     summary = personalize(request, job_id=f"demo-{int(time.time())}")
@@ -121,15 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     step(4, "answers")
     for tenant, question, answer in answers:
         print(f"{tenant}: {question}\n  -> {answer!r}")
-    step(5, "held-out recognition accuracy per subject (from the job)")
-    for r in summary["subjects"]:
-        m = r.get("metrics") or {}
-        print(f"  {r['owner']}/{r['name']:<8} {r['status']:<12} v{r.get('version', '-')}  "
-              f"weighted={m.get('weighted', float('nan')):.3f} (positive={m.get('positive_acc', float('nan')):.3f}, "
-              f"negative={m.get('negative_acc', float('nan')):.3f})")
+    step(5, "held-out recognition per subject (test photos; weighted = mean of positive and negative accuracy)")
+    rows = held_out(summary["store"], args.model)
+    for r in rows:
+        print(f"  {r['subject']:<9} v{r['version']}  concept={r['concept']:.3f}  name alone={r['vanilla']:.3f}  "
+              f"twins rejected={r['concept_hard']:.3f}")
     if args.model == "tiny":
         print("\nnote: `tiny` has random weights: the answers and accuracies above are chance-level by design.")
-    print(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "counts": summary["counts"]}))
+    mean = {k: round(sum(r[k] for r in rows) / len(rows), 3) for k in ("concept", "vanilla")}
+    print(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "counts": summary["counts"],
+                      "held_out_weighted": mean}))
     ray.shutdown()
     return 0
 

@@ -1,6 +1,6 @@
 """Personalize one subject on one machine, without Ray.
 
-    python -m yollava.train --photos DIR --name NAME --model ID --out DIR
+    python -m yollava.train --photos DIR --name NAME --out DIR [--model mini|ID|PATH]
         [--negatives POOL_DIR] [--encoder vision-tower|open_clip:MODEL[:WEIGHTS]]
         [--recipe FILE.json|yaml] [--epochs N] [--lr LR] [--num-latent K] [--owner OWNER]
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m yollava.train", description=__doc__.split("\n")[1])
     ap.add_argument("--photos", required=True, help="folder of the subject's training photos")
     ap.add_argument("--name", required=True, help="concept name: <NAME> in prompts")
-    ap.add_argument("--model", required=True, help="HF id, local path, or tiny")
+    ap.add_argument("--model", default="mini", help="HF id, local path, mini (the shipped miniature model, default) or tiny (random)")
     ap.add_argument("--out", required=True, help="folder to write OUT/NAME/ into")
     ap.add_argument("--owner", default="local")
     ap.add_argument("--negatives", help="folder of pool images for hard/easy negatives")
