@@ -1,6 +1,6 @@
 """The Ray Serve application: a FastAPI ingress (auth, validation, concepts API) and the model.
 
-    serve run serve.app:build_app store=s3://bucket/prefix model=tiny keys=keys.json
+    serve run serve.app:build_app store=s3://bucket/prefix model=mini keys=keys.json
     serve deploy serve/config.yaml
     python -m serve --store file:///tmp/store        # one machine, demo keys printed
 
@@ -60,7 +60,7 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     store: str = Field(description="artifact store: s3://bucket/prefix or file:///path")
     keys: str = Field(description="API keys file (python -m serve.keys create TENANT --keys FILE)")
-    model: str = Field("tiny", description="base model: Hugging Face id, local path, or tiny")
+    model: str = Field("mini", description="base model: Hugging Face id, local path, mini (shipped) or tiny (random)")
     dtype: str | None = Field(None, description="float32 / bfloat16 / float16 (default float32)")
     device: str = Field("auto", description="auto: cuda when the replica has a GPU, else cpu")
     seed: int = Field(0, description="seed of the tiny model's weights")
