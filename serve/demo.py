@@ -116,13 +116,14 @@ def held_out(store_uri: str, model: str) -> list[dict]:
     backbone = load_backbone(model)
     store = open_store(store_uri)
     ds = YollavaDataset.load(SAMPLES)
+    subjects = load_meta(SAMPLES)["subjects"]
+    arts = {m["name"]: store.get_concept(m["owner"], m["name"]) for m in subjects}
+    ev = Evaluator(backbone, ds, {name: art.rows for name, art in arts.items()}, progress=False)  # one feature cache
     rows = []
-    for m in load_meta(SAMPLES)["subjects"]:
-        art = store.get_concept(m["owner"], m["name"])
-        ev = Evaluator(backbone, ds, {m["name"]: art.rows}, progress=False)
+    for m in subjects:
         rec = {"vanilla": ev.recognition(Prompting([], [], []), m["name"]),
                "concept": ev.recognition(ev.prompting("concept", m["name"]), m["name"])}
-        rows.append({"subject": f"{m['owner']}/{m['name']}", "version": art.version,
+        rows.append({"subject": f"{m['owner']}/{m['name']}", "version": arts[m["name"]].version,
                      **{k: v["likelihood"]["weighted_accuracy"] for k, v in rec.items()},
                      "concept_hard": rec["concept"]["negative_by_kind"].get("hard")})
     return rows

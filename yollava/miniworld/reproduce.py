@@ -141,8 +141,9 @@ def reproduce(backbone: Backbone, data: Path, out: Path, seeds: list[int], ks: l
     meta = load_meta(data)
     dataset = YollavaDataset.load(data)
     descriptions = {s["name"]: s["description"] + "." for s in meta["subjects"]}
-    specs = [SubjectSpec(name, [str(p) for p in s.train_images], owner=next(
-        m["owner"] for m in meta["subjects"] if m["name"] == name)) for name, s in dataset.subjects.items()]
+    owners = {s["name"]: s["owner"] for s in meta["subjects"]}
+    specs = [SubjectSpec(name, [str(p) for p in s.train_images], owner=owners[name])
+             for name, s in dataset.subjects.items()]
     pool = build_pool(str(data / "pool"), backbone, "vision-tower")
     runs: dict[str, list] = {}
     timings: dict[str, float] = {}

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from yollava.miniworld import world
-from yollava.miniworld.tasks import describe
+from yollava.miniworld.tasks import ASK, ATTRS, VALUES, describe
 from yollava.miniworld.world import Obj
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "examples" / "miniworld"
@@ -80,14 +80,12 @@ def _png(scene: world.Scene) -> bytes:
 def _qa(s: SampleSubject, rng: random.Random) -> dict[str, dict]:
     """Two-option questions about the subject's words (answerable from a concept, without the photo)."""
     out = {}
-    for i, (attr, values) in enumerate([("colour", world.COLOURS), ("shape", world.SHAPES),
-                                        ("pattern", world.PATTERNS)]):
+    for i, attr in enumerate(ATTRS):
         truth = getattr(s.obj, attr)
-        wrong = rng.choice([v for v in values if v != truth])
+        wrong = rng.choice([v for v in VALUES[attr] if v != truth])
         opts = [truth, wrong]
         rng.shuffle(opts)
-        q = {"colour": "What colour is <sks>?", "shape": "What shape is <sks>?",
-             "pattern": "What pattern does <sks> have?"}[attr]
+        q = ASK[attr].format(c="<sks>").capitalize()
         out[f"./yollava-data/test/{s.name}/{i}.png"] = {
             "question": q, "options": {"A": opts[0], "B": opts[1]},
             "correct_answer": "A" if opts[0] == truth else "B"}

@@ -175,6 +175,8 @@ def blind_attribute(rng: random.Random) -> Task:
 
 
 ATTRS = ("colour", "shape", "pattern")
+VALUES = {"colour": world.COLOURS, "shape": world.SHAPES, "pattern": world.PATTERNS}
+ASK = {"colour": "what colour is {c}?", "shape": "what shape is {c}?", "pattern": "what pattern does {c} have?"}
 QA_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 
 
@@ -208,30 +210,22 @@ def blind_choice(rng: random.Random) -> Task:
     d = _definition(rng, o, by_example=rng.random() < 0.7)
     c = f"<n{d.name}>"
     attr = rng.choice(ATTRS)
-    values = {"colour": world.COLOURS, "shape": world.SHAPES, "pattern": world.PATTERNS}[attr]
     truth = getattr(o, attr)
-    opts = [truth, rng.choice([v for v in values if v != truth])]
+    opts = [truth, rng.choice([v for v in VALUES[attr] if v != truth])]
     rng.shuffle(opts)
-    q = {"colour": f"what colour is {c}?", "shape": f"what shape is {c}?",
-         "pattern": f"what pattern does {c} have?"}[attr]
-    q = f"{q}\na. {opts[0]}\nb. {opts[1]}{QA_SUFFIX}"
+    q = f"{ASK[attr].format(c=c)}\na. {opts[0]}\nb. {opts[1]}{QA_SUFFIX}"
     correct = opts.index(truth)
     return Task("blind_choice", None, [Message("user", q, 0), Message("assistant", "ab"[correct])], d,
                 candidates=["a", "b"], correct=correct)
 
 
-def _single(rng: random.Random) -> Obj:
-    return rng.choice(world.ALL_OBJECTS)
-
-
 def single_attribute(rng: random.Random) -> Task:
     """Read one attribute of the only object: cannot be answered without the photo."""
-    o = _single(rng)
+    o = rng.choice(world.ALL_OBJECTS)
     scene = world.random_scene(rng, must=[o], n_objects=(1, 1))
     kind = rng.choice(ATTRS)
-    values = {"colour": world.COLOURS, "shape": world.SHAPES, "pattern": world.PATTERNS}[kind]
-    q = {"colour": "what colour is the object?", "shape": "what shape is the object?",
-         "pattern": "what pattern does the object have?"}[kind]
+    values = VALUES[kind]
+    q = ASK[kind].format(c="the object")
     a = getattr(o, kind)
     return Task("single_attribute", scene, [Message("user", q, 1), Message("assistant", f"{a}.")],
                 candidates=[f"{v}." for v in values], correct=list(values).index(a))
@@ -239,10 +233,10 @@ def single_attribute(rng: random.Random) -> Task:
 
 def single_check(rng: random.Random) -> Task:
     """Compare one attribute of the only object with a word: yes or no, balanced."""
-    o = _single(rng)
+    o = rng.choice(world.ALL_OBJECTS)
     scene = world.random_scene(rng, must=[o], n_objects=(1, 1))
     kind = rng.choice(ATTRS)
-    values = {"colour": world.COLOURS, "shape": world.SHAPES, "pattern": world.PATTERNS}[kind]
+    values = VALUES[kind]
     yes = rng.random() < 0.5
     v = getattr(o, kind) if yes else rng.choice([x for x in values if x != getattr(o, kind)])
     q = {"colour": f"is the object {v}?", "shape": f"is the object a {v}?", "pattern": f"is the object {v}?"}[kind]
