@@ -63,7 +63,7 @@ def run(pack_size: int, n: int, photos: int, recipe: dict, backbone, pool: dict)
 
 
 def _easy_pool(pool: dict):
-    from yollava.personalize import NegativePool
+    from yollava.pool import NegativePool
 
     return NegativePool(list(pool))  # easy negatives only: the tiny tower's embeddings are not meaningful
 

@@ -32,7 +32,8 @@ from cluster.packing import packs_of_rank
 from cluster.store import ArtifactStore, ConceptNotFound, open_store
 from yollava.backbone import Backbone, load_backbone
 from yollava.mining import VisionTowerEncoder
-from yollava.personalize import NegativePool, SubjectSpec, build_sets, to_artifact
+from yollava.pipeline import SubjectSpec, build_sets, to_artifact
+from yollava.pool import NegativePool
 from yollava.recipe import RecipeConfig, TrainingSet
 from yollava.trainer import ConceptBank, PackedTrainer
 
@@ -115,7 +116,7 @@ class PackRunner:
         self.config = RecipeConfig.from_dict(job.recipe)
         self.store = job.open_store()
         self.encoder = VisionTowerEncoder(backbone) if job.pool else None  # before sharding: name reads nothing
-        self.bank_init = bank_init_stats(backbone)  # before sharding: ZeRO-3 empties the weights
+        self.bank_init = ConceptBank.init_stats(backbone)  # before sharding: ZeRO-3 empties the weights
         self.backbone = shard_backbone(backbone, job.deepspeed) if job.deepspeed else backbone
         self.bank_init = tuple(x.to(self.backbone.device) for x in self.bank_init)
         self.local_elements = local_elements(self.backbone.model)
@@ -156,7 +157,7 @@ class PackRunner:
         results = {}
         if sets:
             trainer = PackedTrainer(self.backbone, self.config, loader, progress=self.job.progress)
-            bank = PrecomputedBank(self.bank_init, seed=self.config.seed)
+            bank = ConceptBank.from_stats(self.bank_init, seed=self.config.seed)
             results = trainer.fit(sets, bank=bank)
         seconds = (time.perf_counter() - t0) / len(todo)
         out = {}
@@ -299,25 +300,6 @@ def photo_usage(ts: TrainingSet, t: SubjectTask) -> dict[str, list[str]]:
 
 
 # -- DeepSpeed ZeRO-3 ---------------------------------------------------------------------------
-
-
-def bank_init_stats(backbone: Backbone) -> tuple:
-    """What `ConceptBank` reads from the base rows to initialise concepts: (mu_e, sd_e, mu_h, sd_h)."""
-    w_e = backbone.embed_tokens.weight.detach().float()
-    w_h = backbone.lm_head.weight.detach().float()
-    return w_e.mean(0), w_e.std(0).mean(), w_h.mean(0), w_h.std(0).mean()  # (d,), (), (d,), ()
-
-
-class PrecomputedBank(ConceptBank):
-    """A ConceptBank initialised from statistics taken before the base weights were sharded."""
-
-    def __init__(self, init: tuple, seed: int = 0):
-        torch.nn.Module.__init__(self)
-        self.embed = torch.nn.ParameterDict()
-        self.head = torch.nn.ParameterDict()
-        self.tokens = {}
-        self.seed = seed
-        self._init = init
 
 
 @dataclass

@@ -34,9 +34,8 @@ def test_save_load_identical_outputs(tiny, saved):
 def test_manifest_fields(saved):
     _, path = saved
     m = json.loads((path / MANIFEST_FILE).read_text())
-    for key in ("format_version", "owner", "name", "version", "tokens", "base_model", "base_fingerprint",
-                "recipe", "metrics", "created", "tensors_sha256", "manifest_sha256"):
-        assert key in m
+    assert set(m) == {"format_version", "owner", "name", "version", "tokens", "base_model", "base_fingerprint",
+                      "recipe", "metrics", "created", "shape", "tensors_sha256", "manifest_sha256"}
     assert m["tokens"][:2] == ["<bo>", "<bo_1>"] and len(m["tokens"]) == 5
     assert set(load_file(path / TENSORS_FILE)) == {"embed", "head"}
 

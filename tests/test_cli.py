@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.conftest import random_photo
 from yollava import evaluate, train
 
@@ -55,11 +57,40 @@ def test_train_then_evaluate(tmp_path, capsys):
     rec = result["methods"]["concept"]["bo"]["recognition"]["likelihood"]
     assert (rec["num_positive"], rec["num_negative"]) == (2, 2)  # its test photos vs the other's
     assert "| concept |" in (tmp_path / "eval" / "results.md").read_text()
+    # the harness reports what the model says: recompute one subject's recognition directly
+    for method in ("concept", "vanilla"):
+        want = direct_recognition(data, tmp_path / "concepts", "bo", method)
+        got = result["methods"][method]["bo"]["recognition"]
+        assert (got["likelihood"]["positive_correct"], got["likelihood"]["negative_correct"]) == want["correct"]
+        assert got["auc_by_kind"]["others"] == pytest.approx(want["auc"])
+
+
+def direct_recognition(data, concepts, subject, method) -> dict:
+    """Yes/no margins straight from the model (no harness): correct answers and the AUC."""
+    from yollava.artifacts import load_concept
+    from yollava.backbone import load_backbone
+    from yollava.concept_model import ConceptLM
+    from yollava.data import load_image
+    from yollava.prompt import Message, PromptEncoder
+    from yollava.scoring import answer_logprobs
+    from yollava.templates import RECOGNITION_EVAL_QUESTION
+
+    bb = load_backbone("tiny")
+    lm, enc = ConceptLM(bb), PromptEncoder.for_backbone(bb)
+    rows = [load_concept(concepts / subject).rows] if method == "concept" else []
+    q = RECOGNITION_EVAL_QUESTION.format(c=f"<{subject}>")
+    margins = {}
+    for truth, folder in ((True, data / "test" / subject), (False, data / "test" / "mam")):
+        for path in sorted(folder.glob("*.png")):
+            feats = bb.image_features(bb.preprocess([load_image(path)]))
+            lp = answer_logprobs(lm, enc, [Message("user", q, 1)], ["Yes", "No"], rows, feats)
+            margins.setdefault(truth, []).append(float(lp[0] - lp[1]))
+    pos, neg = margins[True], margins[False]
+    auc = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+    return {"correct": (sum(m > 0 for m in pos), sum(m <= 0 for m in neg)), "auc": auc}
 
 
 def test_train_rejects_bad_name(tmp_path):
-    import pytest
-
     data = make_dataset(tmp_path / "data", subjects=("bo",))
     with pytest.raises(ValueError, match="name='Bo!'"):
         train.main(["--photos", str(data / "train" / "bo"), "--name", "Bo!", "--model", "tiny",

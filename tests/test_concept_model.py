@@ -56,7 +56,9 @@ def test_prefix_len_covers_system_and_photo(tiny):
     a = enc.encode([Message("user", "Is <bo> here?", 1)], [random_rows(tiny, "bo").tokens])
     b = enc.encode([Message("user", "Is <mam> here?", 1)], [random_rows(tiny, "mam").tokens])
     assert a.ids[:a.prefix_len] == b.ids[:b.prefix_len]
-    assert a.image_mask[a.prefix_len - 1] or a.ids[a.prefix_len - 1] != tiny.vocab_size
+    # the prefix ends with the photo's slots and the newline after them, never inside a definition
+    last_image = max(i for i, m in enumerate(a.image_mask) if m)
+    assert last_image < a.prefix_len and all(i < tiny.vocab_size for i in a.ids[:a.prefix_len])
     assert a.ids[a.prefix_len] == tiny.vocab_size  # the definition starts right after
 
 

@@ -21,8 +21,7 @@ from yollava.data import (
     resolve_image_path,
 )
 
-REAL = Path("/work/shared/data/yollava-format")
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="real Yo'LLaVA sample files absent")
+REAL = Path(__file__).resolve().parent / "data" / "yollava-format"  # the benchmark's own files (see README there)
 
 
 def write_png(path: Path, size=(8, 6), mode="RGB", color=0) -> Path:
@@ -363,7 +362,6 @@ def test_load_image_missing_file(tmp_path):
 # --- the real Yo'LLaVA files -----------------------------------------------------------------
 
 
-@needs_real
 def test_real_visual_qa_json():
     items = read_visual_qa(REAL / "yollava-visual-qa.json")
     subjects = {q.subject for q in items}
@@ -376,7 +374,6 @@ def test_real_visual_qa_json():
         assert resolve_image_path(Path("/r"), q.image).parts[-3:-1] == ("test", q.subject)
 
 
-@needs_real
 def test_real_conversation_json():
     convs = read_conversations(REAL / "bo-text-only-conversation.json")
     assert [c.image for c in convs] == ["./data/train/bo/3.png", "./data/train/bo/1.png",
@@ -385,7 +382,6 @@ def test_real_conversation_json():
     assert all("<bo>" in t.human for c in convs for t in c.turns)
 
 
-@needs_real
 def test_real_files_load_in_a_tree(tmp_path):
     """The real json files in place, with stand-in photos for `bo`."""
     root = tmp_path / "yollava-data"

@@ -78,10 +78,21 @@ def test_stop_strings_cut_text(tiny):
     assert cut.text == full.text[:full.text.find(stop)]
 
 
-def test_seeded_sampling_is_reproducible(tiny):
+def test_seeded_sampling_is_reproducible_and_really_samples(tiny):
+    """Same seed, same tokens; another seed, other tokens; and neither is the greedy answer
+    (a sampler that fell back to greedy would pass reproducibility alone)."""
+    from dataclasses import replace
+
     gen = Generator(tiny)
     req = _requests(tiny)[3]
     assert gen.generate([req])[0].token_ids == gen.generate([req])[0].token_ids
+
+    def run(**params):
+        r = GenerationRequest(req.messages, req.concepts, req.images, replace(req.params, **params))
+        return gen.generate([r])[0].token_ids
+
+    seed1, seed2, greedy = run(seed=1), run(seed=2), run(temperature=0.0)
+    assert seed1 != seed2 and seed1 != greedy and seed2 != greedy, (seed1, seed2, greedy)
 
 
 @pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(stop=("",))])

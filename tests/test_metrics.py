@@ -8,7 +8,6 @@ from yollava.metrics import (
     QAResult,
     RecognitionResult,
     markdown_table,
-    parse_choice,
     parse_yes_no,
     yes_no_from_logprobs,
 )
@@ -41,61 +40,6 @@ def test_parse_yes_no(text, expected):
 def test_parse_yes_no_rejects_non_strings():
     with pytest.raises(TypeError, match="None"):
         parse_yes_no(None)
-
-
-OPTIONS = {"A": "Cat", "B": "Dog"}
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("A", "A"),
-    ("B", "B"),
-    (" (B) ", "B"),
-    ("[A]", "A"),
-    ("B.", "B"),
-    ("B. Dog", "B"),
-    ("A) Cat", "A"),
-    ("A: Cat", "A"),
-    ("A, it resembles a cat.", "A"),
-    ("The answer is A", "A"),
-    ("The correct answer is (B).", "B"),
-    ("Answer: B", "B"),
-    ("I would pick option A.", "A"),
-    ("Dog", "B"),
-    ("dog.", "B"),
-    ("A dog.", "B"),                  # the article is not option A
-    ("It looks like a cat to me", "A"),
-    ("The answer is a dog", "B"),     # lowercase 'a' is an article
-    ("Both options A and B", None),   # "options" is not "option": no key, no text
-    ("Cat or dog", None),             # ambiguous
-    ("I don't know", None),
-    ("Apple", None),
-    ("", None),
-])
-def test_parse_choice(text, expected):
-    assert parse_choice(text, OPTIONS) == expected
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("Dark red", "B"),                # "red" inside "dark red" is dropped
-    ("It is red.", "A"),
-    ("Red", "A"),
-])
-def test_parse_choice_prefers_the_longest_option_text(text, expected):
-    assert parse_choice(text, {"A": "Red", "B": "Dark red"}) == expected
-
-
-def test_parse_choice_with_more_options():
-    options = {"A": "one", "B": "two", "C": "three", "D": "four"}
-    assert parse_choice("D.", options) == "D"
-    assert parse_choice("(C) three", options) == "C"
-    assert parse_choice("E", options) is None
-
-
-def test_parse_choice_errors():
-    with pytest.raises(ValueError, match="options"):
-        parse_choice("A", {})
-    with pytest.raises(TypeError, match="int"):
-        parse_choice(1, OPTIONS)
 
 
 def test_yes_no_from_logprobs():

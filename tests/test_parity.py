@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.conftest import random_photo, random_rows, reference_model
+from yollava.batching import pad
 from yollava.concept_model import ConceptLM, ConceptTable
 from yollava.generate import GenerationRequest, Generator, SamplingParams
 from yollava.prompt import SYSTEM_PROMPT, Message, PromptEncoder
@@ -64,8 +65,8 @@ def test_batch_of_different_concepts_parity(tiny):
     rows = [([bo], "Is <bo> here?", 1), ([mam, cat], "Do <cat> and <mam> play?", 0), ([], "Hello there", 1)]
     enc = PromptEncoder.for_backbone(tiny)
     encs = [enc.encode([Message("user", q, n)], [c.tokens for c in cs]) for cs, q, n in rows]
-    gen = Generator(tiny)
-    ids, mask, image_mask = gen._left_pad(encs)
+    batch = pad(encs, side="left", pad_id=tiny.tokenizer.pad_token_id or 0)
+    ids, mask, image_mask = batch.ids, batch.mask, batch.image_mask
     photos = [random_photo(10), random_photo(11)]
     table = ConceptTable.build([cs for cs, _, _ in rows], tiny.hidden_size, tiny.dtype, "cpu")
     with torch.no_grad():

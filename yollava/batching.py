@@ -1,14 +1,17 @@
-"""Right-padded batches of encoded sequences, and the loss/score on their labels."""
+"""Padded batches of encoded sequences: one helper for both sides.
+
+Training and scoring pad on the right (positions count from the start);
+decoding pads on the left (every row's next token lands in the last column).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from yollava.concept_model import ConceptLM, ConceptTable
 from yollava.prompt import IGNORE_INDEX, Encoded
 
 
@@ -20,8 +23,11 @@ class Batch:
     image_mask: Tensor  # (B, T) bool
 
 
-def right_pad(seqs: Sequence[Encoded], start: int = 0, pad_id: int = 0, device="cpu") -> Batch:
-    """Pad `seq[start:]` of every sequence on the right."""
+def pad(seqs: Sequence[Encoded], side: Literal["right", "left"] = "right", start: int = 0, pad_id: int = 0,
+        device: torch.device | str = "cpu") -> Batch:
+    """Pad `seq[start:]` of every sequence to the longest, on `side`."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side={side!r} must be 'right' or 'left'")
     T = max(len(s) - start for s in seqs)
     B = len(seqs)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -30,27 +36,9 @@ def right_pad(seqs: Sequence[Encoded], start: int = 0, pad_id: int = 0, device="
     image_mask = torch.zeros(B, T, dtype=torch.bool)
     for b, s in enumerate(seqs):
         n = len(s) - start
-        ids[b, :n] = torch.tensor(s.ids[start:])
-        mask[b, :n] = 1
-        labels[b, :n] = torch.tensor(s.labels[start:])
-        image_mask[b, :n] = torch.tensor(s.image_mask[start:], dtype=torch.bool)
+        cols = slice(0, n) if side == "right" else slice(T - n, T)
+        ids[b, cols] = torch.tensor(s.ids[start:], dtype=torch.long)
+        mask[b, cols] = 1
+        labels[b, cols] = torch.tensor(s.labels[start:], dtype=torch.long)
+        image_mask[b, cols] = torch.tensor(s.image_mask[start:], dtype=torch.bool)
     return Batch(ids.to(device), mask.to(device), labels.to(device), image_mask.to(device))
-
-
-def token_logprobs(lm: ConceptLM, hidden: Tensor, labels: Tensor, table: ConceptTable) -> tuple[Tensor, Tensor]:
-    """Log-probabilities of the labelled next tokens.
-
-    hidden (B, T, d) predicts labels shifted by one. Logits are computed only at
-    labelled positions (answers are a small part of a prompt with a photo).
-    Returns (logp (N,), row (N,)) for the N labelled tokens.
-    """
-    target = labels[:, 1:]  # (B, T-1)
-    rows, pos = (target != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,), (N,)
-    h = hidden[rows, pos]  # (N, d)
-    base = lm.backbone.lm_head(h)  # (N, V)
-    if table.num_slots:
-        head = table.head[rows].to(h.dtype)  # (N, S, d)
-        extra = torch.einsum("nd,nsd->ns", h, head).masked_fill(~table.valid[rows], float("-inf"))
-        base = torch.cat([base, extra], dim=-1)  # (N, V + S)
-    logp = torch.log_softmax(base.float(), dim=-1)
-    return logp.gather(1, target[rows, pos].unsqueeze(1)).squeeze(1), rows

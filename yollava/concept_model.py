@@ -48,6 +48,10 @@ class ConceptTable:
     def num_slots(self) -> int:
         return self.embed.shape[1]
 
+    def select(self, rows: Tensor) -> "ConceptTable":
+        """The table of batch rows `rows` (N,), e.g. one entry per scored token."""
+        return ConceptTable(self.embed[rows], self.head[rows], self.valid[rows], self.generatable[rows])
+
     @classmethod
     def build(cls, rows: Sequence[Sequence[ConceptRows]], hidden_size: int,
               dtype: torch.dtype, device: torch.device | str) -> "ConceptTable":

@@ -395,7 +395,7 @@ def _default_identifier(subject: str) -> str:
     return f"<{subject}>"
 
 
-def _personalize(text: str, subject: str, ident: Callable[[str], str]) -> str:
+def _with_identifier(text: str, subject: str, ident: Callable[[str], str]) -> str:
     """Replace `<sks>` and `<subject>` by the caller's identifier text."""
     token = ident(subject)
     return text.replace(SKS, token).replace(f"<{subject}>", token)
@@ -414,7 +414,7 @@ def _load_qa(root: Path, subjects: dict[str, Subject],
         if not image.is_file():
             missing.append(raw.image)
             continue
-        items.append(QAItem(raw.subject, image, _personalize(raw.question, raw.subject, ident),
+        items.append(QAItem(raw.subject, image, _with_identifier(raw.question, raw.subject, ident),
                             raw.options, raw.answer))
     if missing:
         warnings.warn(f"skipped {len(missing)} visual QA item(s) whose photo is missing "
@@ -459,8 +459,8 @@ def _load_conversations(root: Path, subjects: dict[str, Subject],
     out = {}
     for subject, path in sorted(_find_conversation_files(root, subjects).items()):
         convs = [Conversation(subject, resolve_image_path(root, raw.image),
-                              [Turn(_personalize(t.human, subject, ident),
-                                    _personalize(t.ai, subject, ident)) for t in raw.turns])
+                              [Turn(_with_identifier(t.human, subject, ident),
+                                    _with_identifier(t.ai, subject, ident)) for t in raw.turns])
                  for raw in read_conversations(path)]
         out[subject] = sorted(convs, key=lambda c: natural_key(str(c.image.relative_to(root))))
     return out

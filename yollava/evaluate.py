@@ -29,18 +29,18 @@ from yollava.artifacts import load_concept
 from yollava.backbone import Backbone, load_backbone
 from yollava.concept_model import ConceptLM, ConceptRows
 from yollava.data import QAItem, YollavaDataset, load_image, recognition_negatives
+from yollava.features import FeatureCache
 from yollava.generate import GenerationRequest, Generator, SamplingParams
-from yollava.metrics import QAResult, RecognitionResult, markdown_table, parse_yes_no
+from yollava.metrics import (QAResult, RecognitionResult, margin_auc, markdown_table, parse_yes_no,
+                             yes_no_from_logprobs)
 from yollava.prompt import Message, PromptEncoder
 from yollava.recipe import PhotoRef
 from yollava.scoring import answer_logprobs
-from yollava.templates import RECOGNITION_EVAL_QUESTION
-from yollava.trainer import FeatureCache
+from yollava.templates import QA_SUFFIX, RECOGNITION_EVAL_QUESTION
 
 log = logging.getLogger("yollava.evaluate")
 METHODS = ("concept", "vanilla", "description", "photo")
-QA_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
-DESCRIBE = "Describe the main subject of this photo in one sentence."
+ASK_DESCRIPTION = "Describe the main subject of this photo in one sentence."
 
 
 @dataclass
@@ -54,13 +54,14 @@ class Prompting:
 
 class Evaluator:
     def __init__(self, backbone: Backbone, dataset: YollavaDataset, concepts: dict[str, ConceptRows],
-                 generate: bool = False, progress: bool = True, descriptions: dict[str, str] | None = None):
+                 generate: bool = False, progress: bool = True, descriptions: dict[str, str] | None = None,
+                 features: FeatureCache | None = None):
         """`descriptions`: subject -> words for the description baseline (as the paper's
         human-written ones); subjects without one are described by the base model."""
         self.backbone, self.dataset, self.concepts = backbone, dataset, concepts
         self.lm = ConceptLM(backbone)
         self.encoder = PromptEncoder.for_backbone(backbone)
-        self.features = FeatureCache(backbone, load_image)
+        self.features = features or FeatureCache(backbone, load_image)
         self.generator = Generator(backbone)
         self.generate, self.progress = generate, progress
         self._descriptions: dict[str, str] = dict(descriptions or {})
@@ -76,7 +77,7 @@ class Evaluator:
         if not s.train_images:
             return None
         if method == "description":
-            return Prompting([Message("user", f"{c} is {self.describe(subject)}"),
+            return Prompting([Message("user", f"{c} is {self.description(subject)}"),
                               Message("assistant", f"Understood, that is {c}.")], [], [])
         if method == "photo":
             return Prompting([Message("user", f"This is {c}.", images=1),
@@ -84,13 +85,18 @@ class Evaluator:
                              [PhotoRef(str(s.train_images[0]))])
         raise ValueError(f"method={method!r} is not one of {METHODS}")
 
-    def describe(self, subject: str) -> str:
+    def description(self, subject: str) -> str:
+        """The subject in words: given, or written by the base model from a training photo."""
         if subject not in self._descriptions:
             photo = load_image(self.dataset.subjects[subject].train_images[0])
-            out = self.generator.generate([GenerationRequest([Message("user", DESCRIBE, 1)], [], [photo],
+            out = self.generator.generate([GenerationRequest([Message("user", ASK_DESCRIPTION, 1)], [], [photo],
                                                              SamplingParams(max_new_tokens=48, stop=("\n",)))])
-            self._descriptions[subject] = out[0].text.strip() or "a subject."
-        return self._descriptions[subject]
+            self._descriptions[subject] = out[0].text.strip()
+        text = self._descriptions[subject]
+        if not text.strip():
+            raise ValueError(f"the description of subject {subject!r} is empty: the description baseline "
+                             "needs words (give one, or use a base model that answers the description prompt)")
+        return text
 
     def _score(self, p: Prompting, question: str, photo: PhotoRef | None, candidates: Sequence[str]):
         photos = p.photos + ([photo] if photo else [])
@@ -105,16 +111,20 @@ class Evaluator:
         q = RECOGNITION_EVAL_QUESTION.format(c=f"<{subject}>")
         items = [(x, True, None) for x in pos] + [(x, False, k) for k, xs in negatives.items() for x in xs]
         pairs, gen_pairs, by_kind = [], [], {k: [] for k, xs in negatives.items() if xs}
+        margins: dict[str, list[float]] = {"positive": [], **{k: [] for k in by_kind}}
         for path, truth, kind in items:
             lp = self._score(p, q, PhotoRef(str(path)), ["Yes", "No"])
-            pairs.append((truth, bool(lp[0] > lp[1])))
+            pairs.append((truth, yes_no_from_logprobs(lp[0], lp[1])))
+            margins["positive" if kind is None else kind].append(float(lp[0] - lp[1]))
             if kind is not None:
                 by_kind[kind].append((truth, pairs[-1][1]))
             if self.generate:
                 gen_pairs.append((truth, parse_yes_no(self._generate(p, q, path))))
         out = {"likelihood": RecognitionResult.from_predictions(pairs).to_dict(),
                "negative_by_kind": {k: RecognitionResult.from_predictions(v).negative_accuracy
-                                    for k, v in by_kind.items()}}
+                                    for k, v in by_kind.items()},
+               # how well the yes-no margin separates positives from each kind of negative
+               "auc_by_kind": {k: margin_auc(margins["positive"], margins[k]) for k in by_kind}}
         if self.generate:
             out["generated"] = RecognitionResult.from_predictions(gen_pairs).to_dict()
         return out
@@ -132,6 +142,8 @@ class Evaluator:
             q = f"{it.question}\n{opts}{QA_SUFFIX}"
             keys = sorted(it.options)
             lp = self._score(p, q, PhotoRef(str(it.image)) if visual else None, keys)
+            if bool(torch.isnan(lp).any()):
+                raise ValueError(f"NaN log-probability scoring options {keys} of {it.subject!r}: {lp.tolist()}")
             pairs.append((keys[int(lp.argmax())], it.answer))
         return QAResult.from_predictions(pairs).to_dict()
 

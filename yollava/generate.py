@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from yollava.backbone import Backbone
+from yollava.batching import pad
 from yollava.concept_model import ConceptLM, ConceptRows, ConceptTable, positions_from_mask
 from yollava.prompt import Encoded, Message, PromptEncoder
 
@@ -97,7 +98,8 @@ class Generator:
         bb, dev = self.backbone, self.backbone.device
         encs = [self.encode(r) for r in requests]
         rows = [_Row(e, r.params, dev) for e, r in zip(encs, requests)]
-        ids, mask, image_mask = self._left_pad(encs)
+        batch = pad(encs, side="left", pad_id=bb.tokenizer.pad_token_id or 0, device=dev)
+        ids, mask, image_mask = batch.ids, batch.mask, batch.image_mask
         photos = [im for r in requests for im in r.images]
         feats = bb.image_features(bb.preprocess(photos)) if photos else None  # (N, n_img, d)
         table = ConceptTable.build([r.concepts for r in requests], bb.hidden_size, bb.dtype, dev)
@@ -122,20 +124,6 @@ class Generator:
             pos = pos + 1
             h, cache = self.lm.hidden(self.lm.embed(step_ids, table), mask, pos, cache, use_cache=True)
         return [GenerationResult(r.text, r.ids, r.finish or "length", len(r.enc)) for r in rows]
-
-    def _left_pad(self, encs: list[Encoded]) -> tuple[Tensor, Tensor, Tensor]:
-        T = max(len(e) for e in encs)
-        pad = self.backbone.tokenizer.pad_token_id or 0
-        dev = self.backbone.device
-        ids = torch.full((len(encs), T), pad, dtype=torch.long, device=dev)
-        mask = torch.zeros(len(encs), T, dtype=torch.long, device=dev)
-        image_mask = torch.zeros(len(encs), T, dtype=torch.bool, device=dev)
-        for b, e in enumerate(encs):
-            n = len(e)
-            ids[b, T - n:] = torch.tensor(e.ids, device=dev)
-            mask[b, T - n:] = 1
-            image_mask[b, T - n:] = torch.tensor(e.image_mask, device=dev)
-        return ids, mask, image_mask
 
     @staticmethod
     def _choose(logits: Tensor, row: _Row) -> int:

@@ -39,58 +39,22 @@ def parse_yes_no(text: str) -> bool | None:
     return None
 
 
-def parse_choice(text: str, options: Mapping[str, str]) -> str | None:
-    """Parse a generated multiple-choice answer into an option key, or None.
-
-    Tried in order, the first rule that matches wins:
-    1. the answer starts with a key on its own or followed by punctuation:
-       "A", "(B)", "B.", "B. red", "[A] cat", "A) cat", "A: cat", "A, ..." (keys are
-       case-sensitive, so the article in "A cat" is not read as key A);
-    2. a key after "answer", "option" or "choice": "The answer is A",
-       "Answer: (B)", "option B";
-    3. the option texts, case- and punctuation-insensitive: the whole answer
-       equal to one, else the options whose text occurs as whole words; an
-       option contained in another found option ("red" in "dark red") is
-       dropped; exactly one left wins, otherwise None.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"answer must be a string, got {type(text).__name__}: {text!r}")
-    if not options:
-        raise ValueError("options must not be empty")
-    keys = "|".join(re.escape(k) for k in sorted(options, key=len, reverse=True))
-    stripped = text.strip()
-    leading = re.match(rf"^[(\[]?({keys})(?:[)\].:,]|$)", stripped)
-    if leading:
-        return leading.group(1)
-    phrase = re.search(rf"(?i:\b(?:answer|option|choice))(?:\s+is)?\s*:?\s*[(\[]?({keys})"
-                       rf"(?![\w'])", stripped)
-    if phrase:
-        return phrase.group(1)
-    return _match_option_text(stripped, options)
-
-
-def _normalize(text: str) -> str:
-    return " ".join(re.findall(r"\w+", _TOKEN_RE.sub(" ", text).lower()))
-
-
-def _match_option_text(text: str, options: Mapping[str, str]) -> str | None:
-    answer = _normalize(text)
-    normalized = {k: n for k, v in options.items() if (n := _normalize(v))}
-    exact = [k for k, v in normalized.items() if v == answer]
-    if len(exact) == 1:
-        return exact[0]
-    found = {k: v for k, v in normalized.items() if f" {v} " in f" {answer} "}
-    maximal = [k for k, v in found.items()
-               if not any(v != w and f" {v} " in f" {w} " for w in found.values())]
-    return maximal[0] if len(maximal) == 1 else None
-
-
 def yes_no_from_logprobs(logp_yes: float, logp_no: float) -> bool:
     """True when "Yes" is strictly more likely than "No"; a tie answers no."""
     logp_yes, logp_no = float(logp_yes), float(logp_no)
     if math.isnan(logp_yes) or math.isnan(logp_no):
         raise ValueError(f"log-probabilities must not be NaN: yes={logp_yes}, no={logp_no}")
     return logp_yes > logp_no
+
+
+def margin_auc(positive: Sequence[float], negative: Sequence[float]) -> float | None:
+    """P(a positive's margin > a negative's margin), ties counting half; None unless both exist."""
+    if not positive or not negative:
+        return None
+    if any(math.isnan(x) for x in [*positive, *negative]):
+        raise ValueError("margins must not be NaN")
+    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
+    return wins / (len(positive) * len(negative))
 
 
 def _ratio(num: int, den: int) -> float | None:

@@ -233,14 +233,6 @@ class PoolIndex:
     def kind(self) -> str:
         return _kind_of(self.index)
 
-    def set_nprobe(self, nprobe: int) -> None:
-        """IVF only: how many of the nlist lists a query searches (nlist: exact)."""
-        if self.kind != "ivf":
-            raise ValueError(f"nprobe applies to an IVF index, this one is {self.kind}")
-        if not 1 <= nprobe <= self.index.nlist:
-            raise ValueError(f"nprobe={nprobe} must be in [1, nlist={self.index.nlist}]")
-        self.index.nprobe = nprobe
-
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """(Q, D) unit queries -> per query, up to k (id, cosine), best first."""
         q = check_embeddings(queries, "queries", self.dim)

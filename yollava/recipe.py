@@ -10,9 +10,13 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal, Sequence
+
+import yaml
 
 from yollava import templates
 from yollava.prompt import Message
@@ -62,6 +66,21 @@ class RecipeConfig:
         if unknown:
             raise ValueError(f"unknown recipe fields {sorted(unknown)}")
         return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path | None, overrides: dict | None = None) -> "RecipeConfig":
+        """Recipe fields from a YAML/JSON file (or none), then `overrides` that are not None."""
+        base: dict = {}
+        if path:
+            text = Path(path).read_text()
+            try:
+                base = yaml.safe_load(text) if str(path).endswith((".yaml", ".yml")) else json.loads(text)
+            except (yaml.YAMLError, json.JSONDecodeError) as e:
+                raise ValueError(f"recipe file {str(path)!r} does not parse: {e}") from e
+            if not isinstance(base, dict):
+                raise ValueError(f"recipe file {str(path)!r} must hold a mapping of recipe fields")
+        base.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(base)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -68,3 +68,6 @@ ATTRIBUTE_QUESTIONS = [
 ]
 
 RECOGNITION_EVAL_QUESTION = "Is {c} in this photo? Answer with yes or no."
+
+# Multiple-choice questions end with this line (the Yo'LLaVA evaluation's QA form).
+QA_SUFFIX = "\nAnswer with the option's letter from the given choices directly."

@@ -15,52 +15,14 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
-
 from yollava.artifacts import save_concept
-from yollava.backbone import Backbone, load_backbone
+from yollava.backbone import load_backbone
 from yollava.data import list_images, load_image
-from yollava.mining import OpenClipEncoder, PoolIndex, VisionTowerEncoder
-from yollava.personalize import NegativePool, SubjectSpec, personalize, to_artifact
+from yollava.pipeline import SubjectSpec, to_artifact, train_concepts
+from yollava.pool import build_pool
 from yollava.recipe import RecipeConfig
 
 log = logging.getLogger("yollava.train")
-
-
-def make_encoder(spec: str, backbone: Backbone):
-    """`vision-tower` (the backbone's own CLIP tower) or `open_clip:MODEL[:WEIGHTS_PATH]`."""
-    if spec == "vision-tower":
-        return VisionTowerEncoder(backbone)
-    if spec.startswith("open_clip:"):
-        _, model, *weights = spec.split(":", 2)
-        return OpenClipEncoder(model, pretrained=weights[0] if weights else None)
-    raise ValueError(f"--encoder={spec!r}: use 'vision-tower' or 'open_clip:MODEL[:WEIGHTS_PATH]'")
-
-
-def build_pool(pool_dir: str | None, backbone: Backbone, encoder_spec: str, batch: int = 32) -> NegativePool:
-    """Embed every image of POOL_DIR once into a faiss index (ids are file paths)."""
-    if not pool_dir:
-        return NegativePool()
-    paths = [str(p) for p in list_images(Path(pool_dir))]
-    if not paths:
-        raise ValueError(f"--negatives={pool_dir!r} holds no images")
-    encoder = make_encoder(encoder_spec, backbone)
-    embs = [encoder.embed([load_image(p) for p in paths[i:i + batch]]) for i in range(0, len(paths), batch)]
-    import numpy as np
-
-    index = PoolIndex.build(np.concatenate(embs), paths, encoder=encoder.name)
-    return NegativePool(paths, index, encoder)
-
-
-def read_recipe(path: str | None, overrides: dict) -> RecipeConfig:
-    base = {}
-    if path:
-        text = Path(path).read_text()
-        base = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
-        if not isinstance(base, dict):
-            raise ValueError(f"--recipe={path!r} must hold a mapping of recipe fields")
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return RecipeConfig.from_dict(base)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,13 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    config = read_recipe(args.recipe, {"epochs": args.epochs, "lr": args.lr, "num_latent": args.num_latent,
+    config = RecipeConfig.from_file(args.recipe, {"epochs": args.epochs, "lr": args.lr, "num_latent": args.num_latent,
                                        "seed": args.seed})
     photos = [str(p) for p in list_images(Path(args.photos))]
     spec = SubjectSpec(args.name, photos, owner=args.owner)  # validates name, owner, photos
     backbone = load_backbone(args.model, dtype=args.dtype, device=args.device)
     pool = build_pool(args.negatives, backbone, args.encoder)
-    results = personalize(backbone, [spec], load_image, pool, config)
+    results = train_concepts(backbone, [spec], load_image, pool, config)
     out = save_concept(Path(args.out) / spec.name, to_artifact(results[spec.name], spec, backbone, config))
     print(json.dumps({"concept": str(out), "best_epoch": results[spec.name].best_epoch,
                       "metrics": results[spec.name].metrics}))

@@ -14,44 +14,60 @@ is run once per distinct photo without grad, and its KV cache reused.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image, ImageOps
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from yollava.backbone import Backbone
-from yollava.batching import right_pad, token_logprobs
+from yollava.batching import pad
 from yollava.concept_model import ConceptLM, ConceptRows, ConceptTable
-from yollava.prompt import Encoded, PromptEncoder
+from yollava.features import ByteLRU, FeatureCache, ImageLoader
+from yollava.prompt import IGNORE_INDEX, Encoded, PromptEncoder
 from yollava.recipe import PhotoRef, RecipeConfig, Sample, TrainingSet
-from yollava.scoring import says_yes
+from yollava.scoring import says_yes, score_rows
 from yollava.templates import RECOGNITION_EVAL_QUESTION
 from yollava.tokens import ConceptTokens
 
 log = logging.getLogger(__name__)
-ImageLoader = Callable[[str], Image.Image]
+InitStats = tuple[Tensor, Tensor, Tensor, Tensor]  # mean embed row (d,), its spread (), mean head row, spread
 
 
 class ConceptBank(nn.Module):
     """One (embed, head) parameter pair per subject, (k+1, d) each, fp32."""
 
     def __init__(self, backbone: Backbone, seed: int = 0):
-        super().__init__()
+        self._setup(self.init_stats(backbone), seed)
+
+    @classmethod
+    def from_stats(cls, stats: InitStats, seed: int = 0) -> "ConceptBank":
+        """A bank initialised from statistics of the base rows taken earlier (e.g. before
+        ZeRO-3 sharded the weights, when they can no longer be read whole)."""
+        bank = cls.__new__(cls)
+        bank._setup(stats, seed)
+        return bank
+
+    @staticmethod
+    def init_stats(backbone: Backbone) -> InitStats:
+        """What new concepts start from: the mean base rows and their spread."""
+        w_e = backbone.embed_tokens.weight.detach().float()
+        w_h = backbone.lm_head.weight.detach().float()
+        return w_e.mean(0), w_e.std(0).mean(), w_h.mean(0), w_h.std(0).mean()  # (d,), (), (d,), ()
+
+    def _setup(self, stats: InitStats, seed: int) -> None:
+        nn.Module.__init__(self)
         self.embed = nn.ParameterDict()
         self.head = nn.ParameterDict()
         self.tokens: dict[str, ConceptTokens] = {}
         self.seed = seed
-        w_e = backbone.embed_tokens.weight.detach().float()
-        w_h = backbone.lm_head.weight.detach().float()
-        self._init = (w_e.mean(0), w_e.std(0).mean(), w_h.mean(0), w_h.std(0).mean())  # (d,), (), (d,), ()
+        self._init = stats
 
     def add(self, name: str, num_latent: int, rows: ConceptRows | None = None) -> None:
         """A new subject: from `rows` (resume) or near the mean base row, seeded by name."""
@@ -77,30 +93,6 @@ class ConceptBank(nn.Module):
                            self.head[name].detach().clone())
 
 
-class FeatureCache:
-    """Projected image features per (photo, flip), computed once."""
-
-    def __init__(self, backbone: Backbone, load: ImageLoader, batch_size: int = 16):
-        self.backbone, self.load, self.batch_size = backbone, load, batch_size
-        self._feats: dict[PhotoRef, Tensor] = {}
-        self.computed = 0
-
-    def get(self, refs: Sequence[PhotoRef]) -> Tensor:
-        """(N,) refs -> (N, n_img, d) features."""
-        missing = list(dict.fromkeys(r for r in refs if r not in self._feats))
-        for i in range(0, len(missing), self.batch_size):
-            chunk = missing[i:i + self.batch_size]
-            photos = [self._photo(r) for r in chunk]
-            feats = self.backbone.image_features(self.backbone.preprocess(photos))  # (n, n_img, d)
-            self._feats.update(zip(chunk, feats))
-            self.computed += len(chunk)
-        return torch.stack([self._feats[r] for r in refs])
-
-    def _photo(self, ref: PhotoRef) -> Image.Image:
-        im = self.load(ref.key).convert("RGB")
-        return ImageOps.mirror(im) if ref.flip else im
-
-
 class PrefixCache:
     """Prefix KV per photo, kept across steps up to a byte budget (LRU).
 
@@ -110,10 +102,12 @@ class PrefixCache:
     """
 
     def __init__(self, budget_mb: int):
-        self.budget = budget_mb * 2**20
-        self.used = 0
-        self._kv: OrderedDict[PhotoRef, list[tuple[Tensor, Tensor]]] = OrderedDict()
+        self._kv: ByteLRU[PhotoRef, list[tuple[Tensor, Tensor]]] = ByteLRU(budget_mb * 2**20)
         self.computed = 0
+
+    @property
+    def used(self) -> int:
+        return self._kv.used
 
     def cache_for(self, refs: Sequence[PhotoRef], template: Encoded, trainer: "PackedTrainer") -> DynamicCache:
         """A cache of B rows, row b holding the prefix of photo refs[b]."""
@@ -121,29 +115,15 @@ class PrefixCache:
         missing = [r for r in unique if r not in self._kv]
         fresh = dict(zip(missing, _split_rows(trainer.prefix_kv(missing, template)))) if missing else {}
         self.computed += len(missing)
-        per_photo = {r: fresh.get(r) or self._touch(r) for r in unique}
+        per_photo = {r: fresh[r] if r in fresh else self._kv.get(r) for r in unique}
         for r, kv in fresh.items():
-            self._keep(r, kv)
+            self._kv.put(r, kv)
         cache = DynamicCache()
         for layer in range(len(per_photo[unique[0]])):
             k = torch.cat([per_photo[r][layer][0] for r in refs])  # (B, h, P, dh)
             v = torch.cat([per_photo[r][layer][1] for r in refs])
             cache.update(k, v, layer)
         return cache
-
-    def _touch(self, ref: PhotoRef) -> list[tuple[Tensor, Tensor]]:
-        self._kv.move_to_end(ref)
-        return self._kv[ref]
-
-    def _keep(self, ref: PhotoRef, kv: list[tuple[Tensor, Tensor]]) -> None:
-        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-        if size > self.budget:
-            return
-        while self.used + size > self.budget:
-            _, old = self._kv.popitem(last=False)
-            self.used -= sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in old)
-        self._kv[ref] = kv
-        self.used += size
 
 
 def _split_rows(kv: list[tuple[Tensor, Tensor]]) -> list[list[tuple[Tensor, Tensor]]]:
@@ -170,11 +150,11 @@ class _Item:
 class PackedTrainer:
     def __init__(self, backbone: Backbone, config: RecipeConfig, load_image: ImageLoader,
                  share_prefix: bool = True, progress: bool = True, prefix_cache_mb: int = 1024,
-                 micro_batch: int = 0):
+                 micro_batch: int = 0, feature_cache_mb: int = 2048):
         self.backbone, self.config = backbone, config
         self.lm = ConceptLM(backbone)
         self.encoder = PromptEncoder.for_backbone(backbone)
-        self.features = FeatureCache(backbone, load_image)
+        self.features = FeatureCache(backbone, load_image, budget_mb=feature_cache_mb)
         self.share_prefix = share_prefix
         self.micro_batch = micro_batch  # rows per forward/backward; 0 = the whole step at once
         self.prefixes = PrefixCache(prefix_cache_mb)
@@ -217,51 +197,37 @@ class PackedTrainer:
                       counts: dict[str, int]) -> dict[str, Tensor]:
         photo = chunk[0].sample.photo is not None
         run = self._photo_rows_shared if photo and self.share_prefix else self._rows_full
-        logp, rows = run(chunk, bank)  # (N,), (N,)
+        logp = run(chunk, bank)  # (B,) summed answer log-probs per row
         out: dict[str, Tensor] = {}
         for b, it in enumerate(chunk):
             s = it.sample.subject
-            part = -logp[rows == b].sum() / counts[s]
+            part = -logp[b] / counts[s]
             out[s] = out[s] + part if s in out else part
         return out
 
-    def _table(self, items: Sequence[_Item], bank: ConceptBank) -> ConceptTable:
-        bb = self.backbone
-        return ConceptTable.build([[bank.rows(it.sample.subject)] for it in items], bb.hidden_size, bb.dtype,
-                                  bb.device)
-
-    def _rows_full(self, items: Sequence[_Item], bank: ConceptBank) -> tuple[Tensor, Tensor]:
-        """Whole sequences, no sharing -> (logp (N,), row (N,))."""
-        batch = right_pad([it.enc for it in items], device=self.backbone.device)
+    def _rows_full(self, items: Sequence[_Item], bank: ConceptBank) -> Tensor:
+        """Whole sequences, no sharing -> (B,) per-row answer log-prob sums."""
         refs = [it.sample.photo for it in items if it.sample.photo is not None]
         feats = self.features.get(refs) if refs else None
-        table = self._table(items, bank)
-        x = self.lm.embed(batch.ids, table, feats, batch.image_mask)
-        h, _ = self.lm.hidden(x, batch.mask)
-        return token_logprobs(self.lm, h, batch.labels, table)
+        return score_rows(self.lm, [it.enc for it in items], [[bank.rows(it.sample.subject)] for it in items],
+                          feats)
 
-    def _photo_rows_shared(self, items: Sequence[_Item], bank: ConceptBank) -> tuple[Tensor, Tensor]:
-        """Prefix (system + photo) once per distinct photo, then every row's suffix."""
+    def _photo_rows_shared(self, items: Sequence[_Item], bank: ConceptBank) -> Tensor:
+        """Prefix (system + photo) once per distinct photo, then every row's suffix -> (B,)."""
         P = items[0].enc.prefix_len
         if any(it.enc.prefix_len != P or it.enc.ids[:P] != items[0].enc.ids[:P] for it in items):
             raise ValueError("photo samples of one step must share the prefix layout")
-        refs = [it.sample.photo for it in items]
-        cache = self.prefixes.cache_for(refs, items[0].enc, self)  # (B, ...) per layer
-        suffix = right_pad([it.enc for it in items], start=P, device=self.backbone.device)
-        if bool(suffix.image_mask.any()):
+        if any(any(it.enc.image_mask[P:]) for it in items):
             raise ValueError("a photo after the concept definition cannot share the prefix")
-        table = self._table(items, bank)
-        mask = torch.cat([torch.ones(len(items), P, dtype=suffix.mask.dtype, device=suffix.mask.device),
-                          suffix.mask], dim=1)  # (B, P + Ts)
-        pos = P + torch.arange(suffix.ids.shape[1], device=suffix.ids.device).expand_as(suffix.ids)
-        h, _ = self.lm.hidden(self.lm.embed(suffix.ids, table), mask, pos, cache, use_cache=True)
-        return token_logprobs(self.lm, h, suffix.labels, table)
+        cache = self.prefixes.cache_for([it.sample.photo for it in items], items[0].enc, self)  # (B, ...)
+        return score_rows(self.lm, [it.enc for it in items], [[bank.rows(it.sample.subject)] for it in items],
+                          start=P, cache=cache)
 
     @torch.no_grad()
     def prefix_kv(self, refs: Sequence[PhotoRef], template: Encoded) -> list[tuple[Tensor, Tensor]]:
         """Keys and values of the shared prefix for each photo: per layer ((U, h, P, dh), (U, h, P, dh))."""
         P = template.prefix_len
-        prefix = right_pad([_truncate(template, P)] * len(refs), device=self.backbone.device)
+        prefix = pad([_truncate(template, P)] * len(refs), device=self.backbone.device)
         empty = ConceptTable.build([[]] * len(refs), self.backbone.hidden_size, self.backbone.dtype,
                                    self.backbone.device)
         x = self.lm.embed(prefix.ids, empty, self.features.get(refs), prefix.image_mask)
@@ -349,16 +315,14 @@ def _answer_tokens(items: Sequence[_Item]) -> dict[str, int]:
     """Trained (labelled) tokens per subject in a step."""
     counts: dict[str, int] = {}
     for it in items:
-        n = sum(1 for label in it.enc.labels[1:] if label != -100)
+        n = sum(1 for label in it.enc.labels[1:] if label != IGNORE_INDEX)
         counts[it.sample.subject] = counts.get(it.sample.subject, 0) + n
     return counts
 
 
 def _truncate(enc: Encoded, n: int) -> Encoded:
-    return Encoded(enc.ids[:n], enc.image_mask[:n], [-100] * n, enc.num_images, n, [])
+    return Encoded(enc.ids[:n], enc.image_mask[:n], [IGNORE_INDEX] * n, enc.num_images, n, [])
 
 
 def _stable_seed(text: str) -> int:
-    import hashlib
-
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF

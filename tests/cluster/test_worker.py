@@ -7,15 +7,14 @@ import torch
 
 from cluster.personalize import main
 from cluster.store import open_store
-from cluster.worker import (PrecomputedBank, ShardedBackbone, SubjectTask, bank_init_stats, check_private,
-                            deepspeed_config)
+from cluster.worker import ShardedBackbone, SubjectTask, check_private, deepspeed_config
 from tests.cluster.helpers import SUBJECTS, write_request
 from yollava.recipe import PhotoRef, Sample, TrainingSet
 from yollava.trainer import ConceptBank
 
 
-def test_precomputed_bank_initialises_like_the_concept_bank(tiny):
-    ref, bank = ConceptBank(tiny, seed=3), PrecomputedBank(bank_init_stats(tiny), seed=3)
+def test_bank_from_stats_initialises_like_the_concept_bank(tiny):
+    ref, bank = ConceptBank(tiny, seed=3), ConceptBank.from_stats(ConceptBank.init_stats(tiny), seed=3)
     ref.add("bo", 4)
     bank.add("bo", 4)
     torch.testing.assert_close(ref.embed["bo"], bank.embed["bo"], rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""From photos to trained concepts on one machine: mining, recipe, packed training.
+"""From photos to trained concepts: negatives, the training sets, packed training, artifacts.
 
 `cluster/` runs the same functions inside Ray workers; this module knows
 nothing of Ray or storage: images come from a loader by key, results go back
@@ -8,7 +8,7 @@ to the caller.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -18,7 +18,8 @@ from yollava import templates
 from yollava.artifacts import ConceptArtifact
 from yollava.backbone import Backbone
 from yollava.generate import GenerationRequest, Generator, SamplingParams
-from yollava.mining import ImageEncoder, PoolIndex, easy_negatives, mine_hard_negatives
+from yollava.mining import easy_negatives, mine_hard_negatives
+from yollava.pool import NegativePool
 from yollava.prompt import Message
 from yollava.recipe import RecipeConfig, TrainingSet, build_training_set
 from yollava.tokens import check_name
@@ -40,15 +41,6 @@ class SubjectSpec:
         check_name(self.owner, "owner")
         if not self.photos:
             raise ValueError(f"subject {self.owner}/{self.name} has no photos")
-
-
-@dataclass
-class NegativePool:
-    """Pool images for negatives: ids (loader keys), and an index to mine hard ones."""
-
-    ids: list[str] = field(default_factory=list)
-    index: PoolIndex | None = None
-    encoder: ImageEncoder | None = None
 
 
 def ask_attributes(generator: Generator, photos: Sequence[Image.Image], config: RecipeConfig
@@ -93,9 +85,9 @@ def build_sets(backbone: Backbone, subjects: Sequence[SubjectSpec], load_image: 
     return sets
 
 
-def personalize(backbone: Backbone, subjects: Sequence[SubjectSpec], load_image: ImageLoader,
-                pool: NegativePool, config: RecipeConfig, progress: bool = True,
-                on_epoch=None) -> dict[str, SubjectResult]:
+def train_concepts(backbone: Backbone, subjects: Sequence[SubjectSpec], load_image: ImageLoader,
+                   pool: NegativePool, config: RecipeConfig, progress: bool = True,
+                   on_epoch=None) -> dict[str, SubjectResult]:
     """Train every subject in one pack; returns each subject's best rows and metrics."""
     names = [s.name for s in subjects]
     if len(set(names)) != len(names):
