@@ -32,7 +32,7 @@ demo: install
 
 # The paper's comparison on the miniature model and the sample subjects (~15 min on 2 cores).
 reproduce: install
-	$(PY) -m yollava.miniworld.reproduce --out runs/reproduce
+	$(PY) -m miniworld.reproduce --out runs/reproduce
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -15,7 +15,7 @@
    everything down.
 
 The default model is `mini`, the miniature LLaVA shipped in
-`yollava/miniworld/weights` (see its card); `--model tiny` runs the same
+`models/mini` (see its card); `--model tiny` runs the same
 plumbing on random weights.
 """
 
@@ -26,17 +26,21 @@ import base64
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
-from yollava.miniworld.reproduce import MINI_RECIPE
-from yollava.miniworld.subjects import DEFAULT_OUT as SAMPLES, load_meta
+from yollava.recipe import RecipeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = replace(MINI_RECIPE, epochs=5).to_dict()
+SAMPLES = ROOT / "examples" / "miniworld"  # written by `python -m miniworld.subjects`
+RECIPE_FILE = ROOT / "examples" / "mini-recipe.yaml"
+DEMO_EPOCHS = 5  # the recipe's 10 epochs halved, to keep the demo short
 OWNERS = ("ana", "ben")
+
+
+def load_meta(root: Path = SAMPLES) -> dict:
+    return json.loads((root / "subjects.json").read_text())
 
 
 def step(n: int, text: str) -> None:
@@ -47,7 +51,8 @@ def write_request(work: Path, model: str) -> Path:
     meta = load_meta(SAMPLES)
     subjects = [{"owner": m["owner"], "name": m["name"], "description": m["description"],
                  "photos": str(SAMPLES / "train" / m["name"])} for m in meta["subjects"]]
-    request = {"base_model": model, "store": (work / "store").resolve().as_uri(), "recipe": RECIPE,
+    recipe = RecipeConfig.from_file(RECIPE_FILE, {"epochs": DEMO_EPOCHS}).to_dict()
+    request = {"base_model": model, "store": (work / "store").resolve().as_uri(), "recipe": recipe,
                "negatives": str(SAMPLES / "pool"), "subjects": subjects}
     path = work / "request.yaml"
     path.write_text(yaml.safe_dump(request, sort_keys=False))
@@ -55,7 +60,7 @@ def write_request(work: Path, model: str) -> Path:
     return path
 
 
-def personalize(request: Path, job_id: str) -> dict:
+def run_job(request: Path, job_id: str) -> dict:
     from cluster.personalize import main as run
     from cluster.store import open_store
 
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     step(1, "a personalization request for the sample subjects")
     request = write_request(work, args.model)
     step(2, "batch personalization on a local Ray (cluster.personalize)")
-    summary = personalize(request, job_id=f"demo-{int(time.time())}")
+    summary = run_job(request, job_id=f"demo-{int(time.time())}")
     step(3, "chat service (Ray Serve) with a demo key per owner")
     answers = chat(work, summary["store"], args.model)
     step(4, "answers")

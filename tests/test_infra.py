@@ -111,8 +111,13 @@ def test_secrets_are_referenced_never_inlined():
 def test_image_installs_the_project():
     text = (INFRA / "Dockerfile").read_text()
     assert "requirements.lock" in text and "pip install" in text
-    for pkg in ("yollava", "cluster", "serve"):
-        assert f"COPY {pkg}" in text
+    import tomllib
+
+    packages = tomllib.loads((INFRA.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for pattern in packages["find"]["include"]:  # every package the project installs is in the image
+        assert f"COPY {pattern.rstrip('*')} " in text, pattern
+    for alias in ("models/mini",):  # and the shipped miniature model that `--model mini` names
+        assert f"COPY {alias} " in text
 
 
 def test_only_the_miniworld_subjects_are_committed_images():

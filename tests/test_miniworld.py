@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from yollava.backbone import BackboneError, load_backbone
-from yollava.miniworld import tasks, world
-from yollava.miniworld.model import build_mini_tokenizer
+from miniworld import tasks, world
+from miniworld.model import build_mini_tokenizer
 
 
 def test_scenes_deterministic_in_seed():
@@ -25,7 +25,7 @@ def test_every_attribute_changes_the_pixels_and_notch_has_no_word():
         for other in others:
             assert not np.array_equal(world.draw(o), world.draw(other)), (kind, other)
     notch_twin = o.variants()["notch"][0]
-    assert notch_twin.words() == o.words()  # words cannot tell them apart
+    assert tasks.in_words(notch_twin) == tasks.in_words(o)  # words cannot tell them apart
 
 
 def test_tasks_answer_truthfully():
@@ -35,7 +35,7 @@ def test_tasks_answer_truthfully():
         q = t.messages[0].text
         assert t.messages[1].text == ("yes." if t.correct == 0 else "no.")
         desc = q[len("is there "):-len(" in this photo?")]
-        present = any(tasks.describe(o, attrs) == desc for o in t.scene.objects()
+        present = any(tasks.in_words(o, attrs) == desc for o in t.scene.objects()
                       for attrs in [("shape",), ("colour",), ("colour", "shape"), ("colour", "pattern", "shape"),
                                     ("pattern", "shape")])
         assert present == (t.correct == 0)
@@ -55,17 +55,34 @@ def test_word_tokenizer_round_trip():
 
 
 def test_mini_without_weights_is_a_clear_error(monkeypatch, tmp_path):
-    from yollava.miniworld import model
+    from yollava import backbone
 
-    monkeypatch.setattr(model, "WEIGHTS", tmp_path)
-    with pytest.raises(BackboneError, match="pretrain"):
+    monkeypatch.setitem(backbone.MODEL_ALIASES, "mini", tmp_path)
+    with pytest.raises(BackboneError, match=f"alias for {tmp_path}.*no checkpoint"):
         load_backbone("mini")
+
+
+def test_mini_is_only_an_alias_for_a_plain_hugging_face_folder():
+    """The shipped folder loads with the stock Auto* classes, and by path it is the same model."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    from yollava.backbone import MODEL_ALIASES
+
+    path = MODEL_ALIASES["mini"]
+    assert AutoConfig.from_pretrained(path).architectures == ["LlavaForConditionalGeneration"]
+    tok = AutoTokenizer.from_pretrained(path)
+    ref = build_mini_tokenizer()
+    for text in ["is there a red striped circle in this photo?", "USER: <image>\nyes, <pip> is here. </s>"]:
+        assert tok(text, split_special_tokens=True)["input_ids"] == ref(text, split_special_tokens=True)["input_ids"]
+    assert AutoImageProcessor.from_pretrained(path).do_resize is False
+    by_alias, by_path = load_backbone("mini"), load_backbone(str(path))
+    assert by_alias.model_id == "mini" and by_alias.fingerprint == by_path.fingerprint
 
 
 def test_pretraining_step_lowers_every_loss():
     import torch
 
-    from yollava.miniworld.pretrain import MiniPretrainer
+    from miniworld.pretrain import MiniPretrainer
 
     torch.manual_seed(0)
     pt = MiniPretrainer(seed=0)
@@ -109,7 +126,7 @@ def _holds(path, obj) -> bool:
 
 
 def test_committed_sample_subjects_are_what_the_generator_writes():
-    from yollava.miniworld.subjects import DEFAULT_OUT, differences
+    from miniworld.subjects import DEFAULT_OUT, differences
 
     assert differences(DEFAULT_OUT) == []
 
@@ -118,7 +135,7 @@ def test_sample_subject_labels_are_right_by_construction():
     """Read back from the pixels: each subject is in its own photos and nowhere else;
     its hard negatives hold its twin (the notch differs) and not the subject."""
     from yollava.data import YollavaDataset
-    from yollava.miniworld.subjects import DEFAULT_OUT, sample_subjects
+    from miniworld.subjects import DEFAULT_OUT, sample_subjects
 
     ds = YollavaDataset.load(DEFAULT_OUT)
     subjects = sample_subjects()
@@ -130,7 +147,7 @@ def test_sample_subject_labels_are_right_by_construction():
         assert all(_holds(p, s.obj) for p in own.train_images + own.test_images)
         hard = own.test_negatives["hard"]
         assert hard and all(_holds(p, s.twin) and not _holds(p, s.obj) for p in hard)
-        assert s.twin.words() == s.obj.words() and s.twin != s.obj
+        assert tasks.in_words(s.twin) == tasks.in_words(s.obj) and s.twin != s.obj
         others = [p for o in subjects if o != s for p in ds.subjects[o.name].test_images]
         assert not any(_holds(p, s.obj) for p in others + pool[::10])
 
@@ -144,44 +161,46 @@ def test_new_tasks_answer_truthfully():
         assert (word in (o.colour, o.shape, o.pattern)) == (t.correct == 0)
         t = tasks.naming_text(rng)
         desc = t.messages[0].text.removeprefix("<sks> is ").rstrip(".")
-        assert any(tasks.describe(x) == desc for x in t.scene.objects()) == (t.correct == 0)
+        assert any(tasks.in_words(x) == desc for x in t.scene.objects()) == (t.correct == 0)
         t = tasks.naming(rng, by_example=True, negative="notch")
         target = t.definition.examples[0][0].cells[t.definition.examples[0][1]]
         if t.correct == 1:
             assert target not in t.scene.objects()
-            assert any(x.words() == target.words() for x in t.scene.objects())
+            assert any(tasks.in_words(x) == tasks.in_words(target) for x in t.scene.objects())
 
 
 # ---------------------------------------------------------------- the shipped model
 
 
 def _shipped_weights():
-    from yollava.miniworld.model import WEIGHTS
+    from miniworld.model import WEIGHTS
 
     if not (WEIGHTS / "model.safetensors").is_file():
         pytest.fail(f"the miniature model's weights are missing from {WEIGHTS}")
     return WEIGHTS
 
 
-def test_shipped_weights_are_small_and_carded():
-    import json
+def _card_figures(card: str) -> dict[str, float]:
+    """The held-out table of the card: `| probe | accuracy | question |` rows."""
+    import re
 
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^\| (\w+) \| ([01]\.\d{3}) \|", card, re.M)}
+
+
+def test_shipped_weights_are_small_and_carded():
     w = _shipped_weights()
     assert (w / "model.safetensors").stat().st_size <= 25 * 2 ** 20
-    card = (w / "README.md").read_text()
-    probe = json.loads((w / "pretrain.json").read_text())["probe"]
-    for kind, acc in probe.items():
-        assert f"{acc:.3f}" in card, kind  # the card shows the measured figures
+    figures = _card_figures((w / "README.md").read_text())
+    assert {"existence", "attribute", "naming_example", "naming_notch"} <= set(figures), figures
 
 
 @pytest.mark.slow
 def test_shipped_weights_reproduce_the_card():
-    import json
-
-    from yollava.miniworld.pretrain import load_pretrainer
+    """Measure the probes again on the shipped weights; the card's figures must be what comes out."""
+    from miniworld.pretrain import load_pretrainer
 
     w = _shipped_weights()
-    card = json.loads((w / "pretrain.json").read_text())["probe"]
+    card = _card_figures((w / "README.md").read_text())
     kinds = ("existence", "attribute", "naming_example")
     got = load_pretrainer(w).probe(kinds, n=400)
     for k in kinds:
@@ -194,12 +213,12 @@ def test_personalizing_a_sample_subject_beats_vanilla():
     held-out recognition (the evaluation harness) well above the name alone."""
     from dataclasses import replace
 
+    from miniworld.reproduce import MINI_RECIPE
+    from miniworld.subjects import DEFAULT_OUT
     from yollava.data import YollavaDataset, load_image
     from yollava.evaluate import Evaluator, Prompting
-    from yollava.miniworld.reproduce import MINI_RECIPE
-    from yollava.miniworld.subjects import DEFAULT_OUT
-    from yollava.personalize import SubjectSpec, personalize
-    from yollava.train import build_pool
+    from yollava.pipeline import SubjectSpec, train_concepts
+    from yollava.pool import build_pool
 
     _shipped_weights()
     backbone = load_backbone("mini")
@@ -208,7 +227,7 @@ def test_personalizing_a_sample_subject_beats_vanilla():
     spec = SubjectSpec(name, [str(p) for p in ds.subjects[name].train_images], owner="ana")
     pool = build_pool(str(DEFAULT_OUT / "pool"), backbone, "vision-tower")
     recipe = replace(MINI_RECIPE, epochs=5)
-    rows = personalize(backbone, [spec], load_image, pool, recipe, progress=False)[name].rows
+    rows = train_concepts(backbone, [spec], load_image, pool, recipe, progress=False)[name].rows
     ev = Evaluator(backbone, ds, {name: rows}, progress=False)
     vanilla = ev.recognition(Prompting([], [], []), name)["likelihood"]["weighted_accuracy"]
     concept = ev.recognition(ev.prompting("concept", name), name)["likelihood"]["weighted_accuracy"]
@@ -222,8 +241,8 @@ def test_personalizing_a_sample_subject_beats_vanilla():
 def test_reproduce_writes_the_table_plot_and_figures(tmp_path):
     from dataclasses import replace
 
-    from yollava.miniworld.reproduce import MINI_RECIPE, reproduce
-    from yollava.miniworld.subjects import DEFAULT_OUT
+    from miniworld.reproduce import MINI_RECIPE, reproduce
+    from miniworld.subjects import DEFAULT_OUT
 
     _shipped_weights()
     small = replace(MINI_RECIPE, epochs=1, hard_negatives=4, easy_negatives=4, attribute_questions=2)
@@ -240,12 +259,16 @@ def test_reproduce_writes_the_table_plot_and_figures(tmp_path):
     assert "| yollava |" in (tmp_path / "results.md").read_text()
 
 
-def test_example_recipe_file_is_the_mini_recipe():
+def test_the_mini_recipe_has_one_source(tmp_path):
+    """The reproduction, the demo's request and the example request all read examples/mini-recipe.yaml."""
     import yaml
 
-    from yollava.miniworld.reproduce import MINI_RECIPE
+    from miniworld.reproduce import MINI_RECIPE, RECIPE_FILE
+    from serve import demo
     from yollava.recipe import RecipeConfig
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "mini-recipe.yaml"
-    assert RecipeConfig.from_dict(yaml.safe_load(path.read_text())) == MINI_RECIPE
+    assert MINI_RECIPE == RecipeConfig.from_file(RECIPE_FILE) and demo.RECIPE_FILE == RECIPE_FILE
     assert MINI_RECIPE.flip is False  # a flip moves the notch: the twin would become a positive
+    request = yaml.safe_load(demo.write_request(tmp_path, "mini").read_text())
+    assert RecipeConfig.from_dict(request["recipe"]) == RecipeConfig.from_file(RECIPE_FILE,
+                                                                                {"epochs": demo.DEMO_EPOCHS})

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 TINY = "tiny"
+# Short names for checkpoints that ship with the project: name -> Hugging Face folder.
+MODEL_ALIASES: dict[str, Path] = {
+    "mini": Path(__file__).resolve().parents[1] / "models" / "mini",  # written by `python -m miniworld.pretrain`
+}
 SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -131,17 +135,21 @@ def fingerprint_weights(model: nn.Module, stride: int = 4099) -> str:
 
 def load_backbone(model_id: str, dtype: str | torch.dtype | None = None,
                   device: str | torch.device = "cpu", seed: int = 0) -> Backbone:
-    """Load a LLaVA backbone by Hugging Face id, local path, or the name `tiny`."""
+    """Load a LLaVA backbone by Hugging Face id, local path, alias (`mini`), or `tiny` (random, built here)."""
     torch_dtype = resolve_dtype(dtype)
     if model_id == TINY:
         from yollava.tiny import build_tiny_llava
 
         model, tokenizer, processor = build_tiny_llava(seed=seed)
         return Backbone(TINY, model.to(device=device, dtype=torch_dtype), tokenizer, processor)
-    if model_id == "mini":
-        from yollava.miniworld.model import load_mini  # shipped weights (issue 8)
-
-        return load_mini(dtype=torch_dtype, device=device)
+    if model_id in MODEL_ALIASES:
+        path = MODEL_ALIASES[model_id]
+        if not (path / "config.json").is_file():
+            raise BackboneError(f"model={model_id!r} is an alias for {path}, which holds no checkpoint "
+                                f"(no config.json; `python -m miniworld.pretrain --out {path}` writes the mini one)")
+        backbone = _load_pretrained(str(path), torch_dtype, device)
+        backbone.model_id = model_id
+        return backbone
     return _load_pretrained(model_id, torch_dtype, device)
 
 
@@ -175,8 +183,3 @@ def _load_pretrained(model_id: str, dtype: torch.dtype, device) -> Backbone:
     except OSError as e:
         raise BackboneError(f"checkpoint model={model_id!r} is incomplete or unreadable: {e}") from e
     return Backbone(model_id, model.to(device), tokenizer, processor)
-
-
-def describe(backbone: Backbone) -> str:
-    return json.dumps({"model_id": backbone.model_id, "vocab_size": backbone.vocab_size,
-                       "hidden_size": backbone.hidden_size, "fingerprint": backbone.fingerprint})

@@ -74,10 +74,11 @@ class PromptEncoder:
         self.num_image_tokens = num_image_tokens
         self.system = system
         self.add_bos = add_bos and tokenizer.bos_token_id is not None
-        # a word-level vocabulary (the miniature model's) has no spaces in its tokens:
-        # words are joined by spaces, so decoded pieces around a concept are too
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self.word_level = type(getattr(backend, "model", None)).__name__ == "WordLevel"
+        # A plain word decoded next to a run of text, then cut off again, lets the
+        # tokenizer's own decoder decide the spacing where a run meets a concept name.
+        anchor = self.text_ids("a")
+        self._anchor = anchor if len(anchor) == 1 else []
+        self._anchor_text = tokenizer.decode(self._anchor) if self._anchor else ""
 
     @classmethod
     def for_backbone(cls, backbone, **kw) -> "PromptEncoder":
@@ -143,20 +144,34 @@ class PromptEncoder:
             slot_to_text[off] = c.identifier
             for t, s in enumerate(c.latents, start=1):
                 slot_to_text[off + t] = ""  # latents are never shown (nor generated)
-        out, run = [], []
+        pieces: list[list[int] | str] = []  # runs of base ids, and names
         for i in ids:
             if i < self.vocab_size:
-                run.append(int(i))
-                continue
-            if run:
-                out.append(self.tokenizer.decode(run, skip_special_tokens=True))
-                run = []
-            out.append(slot_to_text.get(int(i) - self.vocab_size, ""))
-        if run:
-            out.append(self.tokenizer.decode(run, skip_special_tokens=True))
-        if self.word_level:
-            return re.sub(r" ([.,?!:;])", r"\1", " ".join(p.strip() for p in out if p.strip()))
+                if not pieces or isinstance(pieces[-1], str):
+                    pieces.append([])
+                pieces[-1].append(int(i))
+            else:
+                pieces.append(slot_to_text.get(int(i) - self.vocab_size, ""))
+        out = []
+        for n, piece in enumerate(pieces):
+            if isinstance(piece, str):
+                out.append(piece)
+            else:
+                out.append(self._decode_run(piece, after_name=n > 0, before_name=n + 1 < len(pieces)))
         return "".join(out)
+
+    def _decode_run(self, run: list[int], after_name: bool, before_name: bool) -> str:
+        """Decode base ids as they read between names: `anchor + run + anchor`, anchors cut off."""
+        a, t = self._anchor, self._anchor_text
+        if not a:
+            return self.tokenizer.decode(run, skip_special_tokens=True)
+        ids = (a if after_name else []) + run + (a if before_name else [])
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if after_name and text.startswith(t):
+            text = text[len(t):]
+        if before_name and text.endswith(t):
+            text = text[:-len(t)]
+        return text
 
 
 class _Builder:

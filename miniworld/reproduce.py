@@ -1,6 +1,6 @@
 """The paper's comparison, reproduced on the miniature model and the sample subjects.
 
-    python -m yollava.miniworld.reproduce [--data examples/miniworld] [--out runs/reproduce]
+    python -m miniworld.reproduce [--data examples/miniworld] [--out runs/reproduce]
         [--seeds 0,1] [--ks 1,4,16]
 
 Methods, all through the same evaluation harness as for real checkpoints
@@ -32,25 +32,21 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from miniworld.subjects import DEFAULT_OUT, load_meta
 from yollava.backbone import Backbone, load_backbone
 from yollava.data import OTHERS, YollavaDataset, load_image
 from yollava.evaluate import Evaluator
+from yollava.features import FeatureCache
 from yollava.metrics import markdown_table
-from yollava.miniworld.subjects import DEFAULT_OUT, load_meta
-from yollava.personalize import SubjectSpec, personalize
+from yollava.pipeline import SubjectSpec, train_concepts
+from yollava.pool import build_pool
 from yollava.recipe import RecipeConfig
 
-log = logging.getLogger("yollava.miniworld.reproduce")
+log = logging.getLogger("miniworld.reproduce")
 
-# The recipe on the miniature model: the paper's structure at a smaller scale.
-# No flips: the notch moves to the mirrored corner, so a flipped photo would
-# teach that the subject's twin is the subject. lr and epochs were chosen on
-# development subjects of another seed (`subjects --seed 7`), never on the
-# sample subjects: lr 3e-3 over 1e-3 and 1e-2, 10 epochs (the best epoch is
-# picked on held-out training samples anyway).
-MINI_RECIPE = RecipeConfig(num_latent=16, hard_negatives=30, easy_negatives=30, positive_questions=3,
-                           attribute_questions=10, flip=False, near_duplicate=1.0, epochs=10, batch_size=8,
-                           lr=3e-3, holdout=0.2, max_answer_tokens=16)
+# The recipe on the miniature model, from its one file (its comments say why each value).
+RECIPE_FILE = Path(__file__).resolve().parents[1] / "examples" / "mini-recipe.yaml"
+MINI_RECIPE = RecipeConfig.from_file(RECIPE_FILE)
 PAPER = {"vanilla": 0.500, "description": 0.822, "yollava": 0.924, "no_hard_negatives": 0.754}
 KIND_NAMES = {"hard": "hard", OTHERS: "easy"}
 
@@ -74,7 +70,9 @@ def _rows(results: dict) -> dict[str, dict[str, float]]:
         out[subject] = {"pos": rec["positive_accuracy"], "neg": rec["negative_accuracy"],
                         "weighted": rec["weighted_accuracy"], "text_qa": r["qa_text"]["accuracy"],
                         **{f"neg_{KIND_NAMES.get(k, k)}": v
-                           for k, v in r["recognition"]["negative_by_kind"].items()}}
+                           for k, v in r["recognition"]["negative_by_kind"].items()},
+                        **{f"auc_{KIND_NAMES.get(k, k)}": v
+                           for k, v in r["recognition"]["auc_by_kind"].items()}}
     return out
 
 
@@ -136,8 +134,6 @@ def plot(agg: dict[str, dict], path: Path) -> None:
 
 def reproduce(backbone: Backbone, data: Path, out: Path, seeds: list[int], ks: list[int],
               recipes: dict[str, RecipeConfig] | None = None, progress: bool = True) -> dict:
-    from yollava.train import build_pool
-
     meta = load_meta(data)
     dataset = YollavaDataset.load(data)
     descriptions = {s["name"]: s["description"] + "." for s in meta["subjects"]}
@@ -149,7 +145,8 @@ def reproduce(backbone: Backbone, data: Path, out: Path, seeds: list[int], ks: l
     timings: dict[str, float] = {}
 
     t = time.time()
-    base = Evaluator(backbone, dataset, {}, progress=progress, descriptions=descriptions)
+    features = FeatureCache(backbone, load_image)  # every method asks about the same photos
+    base = Evaluator(backbone, dataset, {}, progress=progress, descriptions=descriptions, features=features)
     results = base.run(["vanilla", "description"])["methods"]
     runs["vanilla"] = [_rows(results["vanilla"])]
     runs["description"] = [_rows(results["description"])]
@@ -158,9 +155,11 @@ def reproduce(backbone: Backbone, data: Path, out: Path, seeds: list[int], ks: l
     for method, recipe in (recipes or variants(ks)).items():
         for seed in seeds:
             t = time.time()
-            trained = personalize(backbone, specs, load_image, pool, replace(recipe, seed=seed), progress=progress)
+            trained = train_concepts(backbone, specs, load_image, pool, replace(recipe, seed=seed),
+                                     progress=progress)
             concepts = {name: r.rows for name, r in trained.items()}
-            res = Evaluator(backbone, dataset, concepts, progress=False).run(["concept"])["methods"]["concept"]
+            res = Evaluator(backbone, dataset, concepts, progress=False,
+                            features=features).run(["concept"])["methods"]["concept"]
             runs.setdefault(method, []).append(_rows(res))
             timings[f"{method}/seed{seed}"] = time.time() - t
             log.info("%s seed %d: %s (%.0f s)", method, seed, aggregate({method: runs[method][-1:]})[method],

@@ -36,11 +36,6 @@ class Obj:
     pattern: str
     notch: int
 
-    def words(self) -> str:
-        """The object in words (the notch has none): 'a red striped circle'."""
-        pat = "" if self.pattern == "plain" else f"{self.pattern} "
-        return f"a {self.colour} {pat}{self.shape}"
-
     def variants(self) -> dict[str, list["Obj"]]:
         """Objects differing from this one in exactly one attribute, by attribute."""
         out = {"shape": [], "colour": [], "pattern": [], "notch": []}

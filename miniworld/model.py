@@ -3,7 +3,7 @@
 A real `LlavaForConditionalGeneration`; the tokenizer is a `tokenizers`
 WordLevel model wrapped in `PreTrainedTokenizerFast`, lower-casing and
 splitting punctuation, so `add_tokens`, special tokens and decoding behave
-like the real ones. Weights ship in `yollava/miniworld/weights/`.
+like the real ones. Weights ship in `models/mini/`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, PreTrainedTokenizerFast)
 
+from miniworld import world
 from yollava import templates
-from yollava.miniworld import world
+from yollava.backbone import MODEL_ALIASES
 from yollava.prompt import SYSTEM_PROMPT
 
-WEIGHTS = Path(__file__).parent / "weights"
+WEIGHTS = MODEL_ALIASES["mini"]
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 EXTRA_WORDS = """yes no there is are a an the this that photo image picture in of and or what which how many
 where colour color shape pattern object objects thing things main subject describe it its one two three four
@@ -78,12 +79,9 @@ def build_mini_llava(seed: int = 0):
     return model, tokenizer, build_mini_image_processor()
 
 
-def load_mini(dtype=torch.float32, device="cpu"):
-    """The shipped miniature LLaVA (`--model mini`)."""
-    from yollava.backbone import Backbone, BackboneError
-
-    if not (WEIGHTS / "config.json").is_file():
-        raise BackboneError(f"the miniature model's weights are not in {WEIGHTS}: run "
-                            "`python -m yollava.miniworld.pretrain` to make them")
-    model = LlavaForConditionalGeneration.from_pretrained(WEIGHTS, dtype=dtype)
-    return Backbone("mini", model.to(device), build_mini_tokenizer(), build_mini_image_processor())
+def save_mini(model: LlavaForConditionalGeneration, out: Path) -> None:
+    """The model, its tokenizer and image processor as a Hugging Face folder (loads by path)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    build_mini_tokenizer().save_pretrained(out)
+    build_mini_image_processor().save_pretrained(out)

@@ -1,6 +1,6 @@
 """Pretrain the miniature LLaVA on the miniature world (reproducible, seeded).
 
-    python -m yollava.miniworld.pretrain [--minutes 60] [--out yollava/miniworld/weights]
+    python -m miniworld.pretrain [--minutes 60] [--out models/mini]
 
 Everything trains: vision tower, projector, language model. Three losses:
 - the answers (next-token cross-entropy on the assistant's words);
@@ -29,16 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from miniworld import world
+from miniworld.model import WEIGHTS, build_mini_llava, save_mini
+from miniworld.tasks import NUM_NAMES, MAKERS, STAGES, Task, mix_at, sample_task
 from yollava.backbone import Backbone
-from yollava.batching import right_pad, token_logprobs
-from yollava.concept_model import ConceptLM, ConceptRows, ConceptTable
-from yollava.miniworld import world
-from yollava.miniworld.model import WEIGHTS, build_mini_llava
-from yollava.miniworld.tasks import NUM_NAMES, MAKERS, STAGES, Task, mix_at, sample_task
-from yollava.prompt import Message, PromptEncoder
+from yollava.concept_model import ConceptLM, ConceptRows
+from yollava.prompt import IGNORE_INDEX, PromptEncoder
+from yollava.scoring import answer_logprobs, score_rows
 from yollava.tokens import ConceptTokens
 
-log = logging.getLogger("yollava.miniworld.pretrain")
+log = logging.getLogger("miniworld.pretrain")
 HEADS = {"shape": world.SHAPES, "colour": world.COLOURS, "pattern": world.PATTERNS, "notch": world.NOTCHES}
 
 
@@ -104,13 +104,10 @@ class MiniPretrainer(nn.Module):
                 concepts = [self._rows(t.definition, ex_tokens)]
             rows.append(concepts)
             encs.append(self.enc.encode(t.messages, [c.tokens for c in concepts]))
-        batch = right_pad(encs)
-        table = ConceptTable.build(rows, self.backbone.hidden_size, torch.float32, "cpu")
         feats = tokens[:len(scenes)] if scenes else None
-        x = self.lm.embed(batch.ids, table, feats, batch.image_mask)
-        h, _ = self.lm.hidden(x, batch.mask)
-        logp, _ = token_logprobs(self.lm, h, batch.labels, table)
-        return {"lm": -logp.mean(), "aux": aux, "align": align}
+        logp = score_rows(self.lm, encs, rows, feats)  # (B,) summed answer log-probs
+        n_tokens = sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in encs)
+        return {"lm": -logp.sum() / n_tokens, "aux": aux, "align": align}
 
     def _rows(self, d, ex_tokens) -> ConceptRows:
         if d.words is not None:
@@ -134,30 +131,22 @@ class MiniPretrainer(nn.Module):
             hits = 0
             for _ in range(n):
                 t = MAKERS[kind](rng)
-                scores = []
-                for cand in t.candidates:
-                    tt = Task(t.kind, t.scene, [*t.messages[:-1], Message("assistant", cand)], t.definition)
-                    scores.append(self._answer_logp(tt))
-                hits += int(max(range(len(scores)), key=scores.__getitem__) == t.correct)
+                scores = self._candidate_logp(t)
+                hits += int(int(scores.argmax()) == t.correct)
             out[kind] = hits / n
         self.model.train()
         return out
 
-    def _answer_logp(self, t: Task) -> float:
+    def _candidate_logp(self, t: Task) -> torch.Tensor:
+        """(C,) log-probs of the task's candidate answers."""
         own = [t.scene] if t.scene is not None else []
         examples = t.definition.examples if t.definition else []
         scenes = own + [s for s, _ in examples]
         tokens = self.encode_images(scenes)[0] if scenes else None
         ex = iter([tokens[len(own) + i, cell] for i, (_, cell) in enumerate(examples)])
         concepts = [self._rows(t.definition, ex)] if t.definition else []
-        e = self.enc.encode(t.messages, [c.tokens for c in concepts])
-        e.labels[-1] = -100  # the EOS
-        batch = right_pad([e])
-        table = ConceptTable.build([concepts], self.backbone.hidden_size, torch.float32, "cpu")
-        x = self.lm.embed(batch.ids, table, tokens[:1] if own else None, batch.image_mask)
-        h, _ = self.lm.hidden(x, batch.mask)
-        logp, _ = token_logprobs(self.lm, h, batch.labels, table)
-        return float(logp.sum())
+        return answer_logprobs(self.lm, self.enc, t.messages[:-1], t.candidates, concepts,
+                               tokens[:1] if own else None)
 
 
 PROBES = ("single_check", "existence", "attribute", "counting", "naming_words", "naming_text",
@@ -169,8 +158,7 @@ EXTRAS = "pretrain-extras.safetensors"
 
 def save(pt: MiniPretrainer, out: Path, result: dict) -> None:
     """The LLaVA weights (HF layout) and, apart, what only the probes need (placeholder names, heads)."""
-    out.mkdir(parents=True, exist_ok=True)
-    pt.model.save_pretrained(out, safe_serialization=True)
+    save_mini(pt.model, out)
     extras = {k: v.detach().contiguous() for k, v in pt.state_dict().items() if not k.startswith("model.")
               and not k.startswith("backbone.") and not k.startswith("lm.")}
     save_file(extras, str(out / EXTRAS))
@@ -292,14 +280,14 @@ def card(result: dict) -> str:
 A real `LlavaForConditionalGeneration` (CLIP vision tower 3 layers × 128, patch 16
 on 48×48 photos = one image token per cell of the world's 3×3 grid; projector;
 Llama 4 layers × 256, 8 heads) with a word-level tokenizer
-(`yollava/miniworld/model.py`), pretrained from random initialisation on the
-miniature world (`yollava/miniworld/world.py`, `tasks.py`). It is the project's
+(`miniworld/model.py`), pretrained from random initialisation on the
+miniature world (`miniworld/world.py`, `tasks.py`). It is the project's
 one-machine default model and the oracle of its end-to-end tests. Its weights
 are only good for this world.
 
 ## How it was made
 
-    OMP_NUM_THREADS=1 python -m yollava.miniworld.pretrain {command(result)}
+    OMP_NUM_THREADS=1 python -m miniworld.pretrain {command(result)}
 
 {result.get('stop_at', result['steps'])} AdamW steps (of a {result['steps']}-step cosine schedule) of {result['batch']} questions
 (one scene each), all weights trained, {result.get('minutes', '?')} minutes on one CPU core. Losses: the answers' tokens;

@@ -1,6 +1,6 @@
 """Sample subjects of the miniature world, in the Yo'LLaVA dataset layout.
 
-    python -m yollava.miniworld.subjects [--out examples/miniworld] [--check]
+    python -m miniworld.subjects [--out examples/miniworld] [--check]
 
 Six subjects of two owners (`ana`, `ben`); each is one object of the world,
 photographed in scenes with up to two other objects:
@@ -32,11 +32,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from yollava.miniworld import world
-from yollava.miniworld.tasks import ASK, ATTRS, VALUES, describe
-from yollava.miniworld.world import Obj
+from miniworld import world
+from miniworld.tasks import ASK, ATTRS, VALUES, in_words
+from miniworld.world import Obj
 
-DEFAULT_OUT = Path(__file__).resolve().parents[2] / "examples" / "miniworld"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "examples" / "miniworld"
 OWNERS = {"ana": ("pip", "zola", "kiki"), "ben": ("rex", "momo", "tuk")}
 SEED = 2024
 TRAIN, TEST, HARD, POOL = 8, 10, 10, 300
@@ -56,7 +56,7 @@ class SampleSubject:
     @property
     def description(self) -> str:
         """In the words pretraining used: 'a red plain circle' (the notch has none)."""
-        return describe(self.obj)
+        return in_words(self.obj)
 
 
 def sample_subjects(seed: int = SEED) -> list[SampleSubject]:

@@ -13,8 +13,9 @@ import random
 from dataclasses import dataclass, field
 
 from yollava import templates
-from yollava.miniworld import world
-from yollava.miniworld.world import Obj, Scene
+from yollava.templates import QA_SUFFIX
+from miniworld import world
+from miniworld.world import Obj, Scene
 from yollava.prompt import Message
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -39,7 +40,7 @@ class Task:
     correct: int = 0
 
 
-def describe(o: Obj, attrs=("colour", "pattern", "shape")) -> str:
+def in_words(o: Obj, attrs=("colour", "pattern", "shape")) -> str:
     parts = []
     if "colour" in attrs:
         parts.append(o.colour)
@@ -61,7 +62,7 @@ def existence(rng: random.Random) -> Task:
     absent = [x for x in world.ALL_OBJECTS if not any(_matches(o, x, attrs) for o in objs)]
     want_yes = rng.random() < 0.5 or not absent  # e.g. all four shapes present: no "no" exists
     ref = rng.choice(objs) if want_yes else rng.choice(absent)
-    q = f"is there {describe(ref, attrs)} in this photo?"
+    q = f"is there {in_words(ref, attrs)} in this photo?"
     return Task("existence", scene, [Message("user", q, 1), Message("assistant", "yes." if want_yes else "no.")],
                 candidates=["yes.", "no."], correct=0 if want_yes else 1)
 
@@ -100,7 +101,7 @@ def counting(rng: random.Random) -> Task:
 
 def caption(rng: random.Random) -> Task:
     scene = world.random_scene(rng)
-    parts = [f"{describe(o)} in the {world.POSITIONS[i]}" for i, o in enumerate(scene.cells) if o is not None]
+    parts = [f"{in_words(o)} in the {world.POSITIONS[i]}" for i, o in enumerate(scene.cells) if o is not None]
     return Task("caption", scene, [Message("user", "describe this photo.", 1),
                                    Message("assistant", ", ".join(parts) + ".")])
 
@@ -117,14 +118,14 @@ def main_subject(rng: random.Random) -> Task:
 def _attribute_answer(i: int, o: Obj) -> str:
     return [f"it is {o.colour}.", f"it is a {o.shape}.", f"it is {o.pattern}.",
             "it has a dark mark in one corner.", "it is small.", f"it is a {o.shape}.",
-            f"it is {describe(o)}.", f"its {o.colour} colour.", "it looks made of paint.",
-            f"it is {describe(o)}."][i]
+            f"it is {in_words(o)}.", f"its {o.colour} colour.", "it looks made of paint.",
+            f"it is {in_words(o)}."][i]
 
 
 def _definition(rng: random.Random, o: Obj, by_example: bool) -> Definition:
     name = rng.randrange(NUM_NAMES)
     if not by_example:
-        return Definition(name, words=describe(o))
+        return Definition(name, words=in_words(o))
     m = rng.choice([1, 2, 4, 8, 16])
     examples = []
     for _ in range(m):
@@ -177,7 +178,6 @@ def blind_attribute(rng: random.Random) -> Task:
 ATTRS = ("colour", "shape", "pattern")
 VALUES = {"colour": world.COLOURS, "shape": world.SHAPES, "pattern": world.PATTERNS}
 ASK = {"colour": "what colour is {c}?", "shape": "what shape is {c}?", "pattern": "what pattern does {c} have?"}
-QA_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 
 
 def naming_text(rng: random.Random) -> Task:
@@ -199,7 +199,7 @@ def naming_text(rng: random.Random) -> Task:
         scene = world.random_scene(rng, must=[other], avoid=avoid)
     q = rng.choice(QUESTIONS).format(c=c)
     a = rng.choice(templates.YES_ANSWERS if yes else templates.NO_ANSWERS).format(c=c)
-    lead = [Message("user", f"{c} is {describe(o)}."), Message("assistant", f"understood, that is {c}.")]
+    lead = [Message("user", f"{c} is {in_words(o)}."), Message("assistant", f"understood, that is {c}.")]
     return Task("naming_text", scene, [*lead, Message("user", q, 1), Message("assistant", a.lower())],
                 candidates=["yes", "no"], correct=0 if yes else 1)
 
@@ -250,7 +250,7 @@ def position(rng: random.Random) -> Task:
     occupied = [i for i, o in enumerate(scene.cells) if o is not None]
     i = rng.choice(occupied) if rng.random() < 0.8 else rng.randrange(len(scene.cells))
     o = scene.cells[i]
-    a = "nothing." if o is None else describe(o) + "."
+    a = "nothing." if o is None else in_words(o) + "."
     return Task("position", scene, [Message("user", f"what is in the {world.POSITIONS[i]}?", 1),
                                     Message("assistant", a)])
 
