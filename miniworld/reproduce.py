@@ -51,9 +51,8 @@ PAPER = {"vanilla": 0.500, "description": 0.822, "yollava": 0.924, "no_hard_nega
 KIND_NAMES = {"hard": "hard", OTHERS: "easy"}
 
 
-def variants(ks: list[int]) -> dict[str, RecipeConfig]:
+def variants(ks: list[int], r: RecipeConfig = MINI_RECIPE) -> dict[str, RecipeConfig]:
     """Trained methods -> recipe (before the seed is set)."""
-    r = MINI_RECIPE
     out = {"yollava": r,
            "no_hard_negatives": replace(r, hard_negatives=0, easy_negatives=r.hard_negatives + r.easy_negatives)}
     for k in ks:
@@ -133,7 +132,8 @@ def plot(agg: dict[str, dict], path: Path) -> None:
 
 
 def reproduce(backbone: Backbone, data: Path, out: Path, seeds: list[int], ks: list[int],
-              recipes: dict[str, RecipeConfig] | None = None, progress: bool = True) -> dict:
+              recipes: dict[str, RecipeConfig] | None = None, progress: bool = True,
+              baselines: bool = True) -> dict:
     meta = load_meta(data)
     dataset = YollavaDataset.load(data)
     descriptions = {s["name"]: s["description"] + "." for s in meta["subjects"]}
@@ -146,11 +146,12 @@ def reproduce(backbone: Backbone, data: Path, out: Path, seeds: list[int], ks: l
 
     t = time.time()
     features = FeatureCache(backbone, load_image)  # every method asks about the same photos
-    base = Evaluator(backbone, dataset, {}, progress=progress, descriptions=descriptions, features=features)
-    results = base.run(["vanilla", "description"])["methods"]
-    runs["vanilla"] = [_rows(results["vanilla"])]
-    runs["description"] = [_rows(results["description"])]
-    timings["baselines"] = time.time() - t
+    if baselines:
+        base = Evaluator(backbone, dataset, {}, progress=progress, descriptions=descriptions, features=features)
+        results = base.run(["vanilla", "description"])["methods"]
+        runs["vanilla"] = [_rows(results["vanilla"])]
+        runs["description"] = [_rows(results["description"])]
+        timings["baselines"] = time.time() - t
 
     for method, recipe in (recipes or variants(ks)).items():
         for seed in seeds:

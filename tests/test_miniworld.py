@@ -272,3 +272,15 @@ def test_the_mini_recipe_has_one_source(tmp_path):
     request = yaml.safe_load(demo.write_request(tmp_path, "mini").read_text())
     assert RecipeConfig.from_dict(request["recipe"]) == RecipeConfig.from_file(RECIPE_FILE,
                                                                                 {"epochs": demo.DEMO_EPOCHS})
+
+
+def test_dev_script_refuses_the_sample_subjects_and_types_overrides():
+    from miniworld import dev
+    from miniworld.reproduce import MINI_RECIPE
+
+    with pytest.raises(SystemExit):
+        dev.main(["--subject-seeds", "7,2024"])
+    r = dev.override(MINI_RECIPE, ["lr=0.01", "epochs=3", "flip=false"])
+    assert (r.lr, r.epochs, r.flip) == (0.01, 3, False)
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        dev.override(MINI_RECIPE, ["learning_rate=1"])

@@ -1,0 +1,80 @@
+"""Development subjects: the reproduction's figures on subjects of other seeds, to choose a base or a recipe.
+
+    python -m miniworld.dev [--model mini|DIR] [--subject-seeds 7] [--seeds 0]
+        [--methods yollava,k4] [--baselines] [--set lr=0.01 --set epochs=20]
+
+The committed sample subjects (seed 2024) are for the final table only; every
+choice of base, recipe or initialisation is made here, on subjects generated
+with other seeds (written once under runs/dev-subjects/). Prints one JSON line
+per (subject seed, method): positive / twin / easy / weighted accuracy and the
+AUC of the yes-no margin against each kind of negative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import fields, replace
+from pathlib import Path
+
+from miniworld.reproduce import MINI_RECIPE, reproduce, variants
+from miniworld.subjects import generate
+from yollava.backbone import load_backbone
+from yollava.recipe import RecipeConfig
+
+FIGURES = ("pos", "neg_hard", "neg_easy", "weighted", "auc_hard", "auc_easy", "text_qa")
+
+
+def override(recipe: RecipeConfig, assignments: list[str]) -> RecipeConfig:
+    """`key=value` pairs typed like the recipe's own fields."""
+    types = {f.name: type(getattr(recipe, f.name)) for f in fields(recipe)}
+    changes = {}
+    for a in assignments:
+        key, sep, value = a.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"--set {a!r}: expected FIELD=VALUE with FIELD one of {sorted(types)}")
+        changes[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)
+    return replace(recipe, **changes)
+
+
+def dev_subjects(seed: int, root: Path) -> Path:
+    out = root / f"seed{seed}"
+    if not (out / "subjects.json").is_file():
+        generate(out, seed)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m miniworld.dev", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="mini")
+    ap.add_argument("--subject-seeds", default="7")
+    ap.add_argument("--seeds", default="0", help="training seeds")
+    ap.add_argument("--methods", default="yollava", help="of: yollava, no_hard_negatives, k1, k4")
+    ap.add_argument("--baselines", action="store_true", help="also vanilla and description")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="recipe override")
+    ap.add_argument("--out", default="runs/dev")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if 2024 in [int(s) for s in args.subject_seeds.split(",")]:
+        ap.error("--subject-seeds: 2024 is the committed sample subjects' seed; develop on others")
+    recipe = override(MINI_RECIPE, args.set)
+    every = variants([1, 4, 16], recipe)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in every]
+    if unknown:
+        ap.error(f"--methods: unknown {unknown}; choose from {sorted(every)}")
+    backbone = load_backbone(args.model)
+    for subject_seed in [int(s) for s in args.subject_seeds.split(",")]:
+        data = dev_subjects(subject_seed, Path(args.out).parent / "dev-subjects")
+        report = reproduce(backbone, data, Path(args.out) / f"subjects{subject_seed}",
+                           [int(s) for s in args.seeds.split(",")], [], {m: every[m] for m in methods},
+                           progress=False, baselines=args.baselines)
+        for method, agg in report["summary"].items():
+            print(json.dumps({"subjects": subject_seed, "method": method,
+                              **{f: round(agg[f], 3) for f in FIGURES if f in agg}}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
