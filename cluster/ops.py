@@ -20,11 +20,18 @@ import sys
 from typing import Any
 
 import ray
+from ray.exceptions import AuthenticationError, RayActorError
+from ray.job_submission import JobSubmissionClient
 
 from cluster.store import ArtifactStore, ConceptNotFound, open_store
 from yollava.tokens import check_name
 
 REQUEST_KEY = b"autoscaler_resource_request"  # ray_constants.AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+# What the Jobs API client raises when there is no dashboard to ask, or it will not answer:
+# OSError (the builtin ConnectionError, requests' errors), RuntimeError ("request failed with
+# status code ...", a dashboard without the Jobs API, ray[default] not installed), and an
+# authentication token the cluster refuses.
+JOBS_API_UNREACHABLE = (OSError, RuntimeError, AuthenticationError)
 
 
 def connect(address: str | None) -> None:
@@ -71,14 +78,14 @@ def jobs(store: ArtifactStore | None) -> list[dict]:
     """Personalization jobs: Ray Jobs API entries, and progress from the store's records."""
     out: dict[str, dict] = {}
     try:
-        from ray.job_submission import JobSubmissionClient
-
-        for j in JobSubmissionClient().list_jobs():
-            if "cluster.personalize" in (j.entrypoint or ""):
-                out[j.submission_id or j.job_id] = {"job": j.submission_id or j.job_id, "status": str(j.status),
-                                                    "entrypoint": j.entrypoint}
-    except Exception as e:  # noqa: BLE001 - no dashboard (e.g. a bare local Ray): say so, keep going
+        listed = JobSubmissionClient().list_jobs()
+    except JOBS_API_UNREACHABLE as e:  # no dashboard (e.g. a bare local Ray): say so, keep going
         out["_jobs_api"] = {"job": "-", "status": f"jobs API unavailable: {type(e).__name__}"}
+        listed = []
+    for j in listed:
+        if "cluster.personalize" in (j.entrypoint or ""):
+            out[j.submission_id or j.job_id] = {"job": j.submission_id or j.job_id, "status": str(j.status),
+                                                "entrypoint": j.entrypoint}
     if store is not None:
         for job_id in sorted({k.split("/")[1] for k in store.list_prefix("jobs")}):
             row = out.setdefault(job_id, {"job": job_id, "status": "recorded"})
@@ -92,12 +99,15 @@ def jobs(store: ArtifactStore | None) -> list[dict]:
 
 
 def serve_status() -> list[dict]:
-    """Serve applications, their deployments and replica counts by state."""
+    """Serve applications, their deployments and replica counts by state ([] when Serve never started)."""
     try:
         from ray import serve
-
+        from ray.serve.exceptions import RayServeException
+    except ImportError as e:  # a cluster-only install (no ray[serve]): nothing can be serving from here
+        return [{"application": "-", "status": f"Serve not installed ({type(e).__name__}: {e})"}]
+    try:
         st = serve.status()
-    except Exception as e:  # noqa: BLE001 - Serve not running
+    except (RayServeException, RayActorError) as e:  # the controller is gone or unreachable
         return [{"application": "-", "status": f"Serve not running ({type(e).__name__})"}]
     rows = []
     for app_name, app in st.applications.items():

@@ -8,11 +8,14 @@ The same command runs on a laptop (a local Ray is started) and as
 `ray job submit --working-dir . -- python -m cluster.personalize REQUEST ...`.
 
 Order of work: parse the request (a malformed one exits 2 naming the field);
-read and decode every photo (a bad subject is set aside with its reason);
+read and decode every photo (a bad subject is set aside with its reason; a
+store that cannot be reached or refuses access stops the job, exit 1);
 fingerprint the base model; embed the negative pool (Ray Data, reused when
 stored); skip subjects whose content key is already done; ask the autoscaler
 for the workers; train the packs with a Ray Train `TorchTrainer`; write and
-print the job summary.
+print the job summary. The exit code is 0 only when every subject is trained
+or done before and training ended without an error (which the summary's
+`error` and stderr name).
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from tqdm.auto import tqdm
 
 from cluster.keys import done_key, job_prefix, subject_key, subject_record_key
 from cluster.packing import make_packs
-from cluster.request import (DEFAULT_MAX_PHOTO_BYTES, CheckedSubject, PersonalizationRequest, Photo,
-                             RequestError, check_subjects, load_request, read_photos, s3_endpoint)
+from cluster.request import (DEFAULT_MAX_PHOTO_BYTES, PHOTO_ERRORS, CheckedSubject, PersonalizationRequest, Photo,
+                             RequestError, SourceUnavailable, check_subjects, load_request, read_source,
+                             s3_endpoint)
 from cluster.store import ArtifactStore, ObjectNotFound, open_store
 from cluster.worker import JobConfig, SubjectTask, deepspeed_config, train_func
 from yollava.data import DEFAULT_MAX_PIXELS
@@ -151,8 +155,8 @@ def read_pool(request: PersonalizationRequest, checked: list[CheckedSubject], op
     if request.negatives is None:
         return []
     try:
-        pool = read_photos(request.negatives, options.max_pixels, options.max_photo_bytes)
-    except Exception as e:
+        pool = read_source("negatives", request.negatives, options.max_pixels, options.max_photo_bytes)
+    except PHOTO_ERRORS as e:
         raise RequestError(f"field negatives: {e}") from e
     private = {p.sha256 for s in checked for p in s.photos}
     kept = [p for p in pool if p.sha256 not in private]
@@ -218,8 +222,6 @@ def _entry(owner: str, name: str, status: str, **extra) -> dict:
 def train(plan: Plan, request: PersonalizationRequest, options: JobOptions) -> None:
     """Ship photos to the object store, ask for resources, run the TorchTrainer, show progress."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     for t in plan.tasks:  # every worker gets the refs; only the one that trains a subject fetches its bytes
         t.photo_refs = [ray.put(p.data) for p in plan.photos[t.owner, t.name]]
@@ -229,18 +231,26 @@ def train(plan: Plan, request: PersonalizationRequest, options: JobOptions) -> N
     packs = job.packs
     workers = options.workers if options.deepspeed else min(options.workers, len(packs))
     bundle = {"CPU": options.cpus_per_worker, **({"GPU": options.gpus_per_worker} if options.gpus_per_worker else {})}
-    trainer = TorchTrainer(
-        train_func, train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=options.gpus_per_worker > 0,
-                                     resources_per_worker=bundle),
-        run_config=RunConfig(name=plan.job_id, storage_path=options.storage_path,
-                             failure_config=FailureConfig(max_failures=options.max_failures)))
+    trainer = make_trainer(job, workers, bundle, options)
     log.info("job %s: %d subject(s) in %d pack(s) on %d worker(s)", plan.job_id, len(plan.tasks), len(packs), workers)
     request_resources([bundle] * workers)
     try:
         _fit_with_progress(trainer, plan, options.progress)
     finally:
         request_resources([])
+
+
+def make_trainer(job: JobConfig, workers: int, bundle: dict, options: JobOptions):
+    """The Ray Train `TorchTrainer` that runs `train_func` on `workers` workers of `bundle` each."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_func, train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=options.gpus_per_worker > 0,
+                                     resources_per_worker=bundle),
+        run_config=RunConfig(name=job.job_id, storage_path=options.storage_path,
+                             failure_config=FailureConfig(max_failures=options.max_failures)))
 
 
 def train_local(plan: Plan, request: PersonalizationRequest, options: JobOptions, backbone) -> None:
@@ -275,13 +285,17 @@ def request_resources(bundles: list[dict]) -> None:
 
 
 def _fit_with_progress(trainer, plan: Plan, progress: bool) -> None:
-    """trainer.fit() in a thread; the bar counts subject records as workers write them."""
+    """trainer.fit() in a thread; the bar counts subject records as workers write them.
+
+    Whatever ends the fit with an error is kept as `plan.error`: it goes into
+    the summary (subjects without a record fail with it) and fails the job.
+    """
     error: list[BaseException] = []
 
     def fit():
         try:
             trainer.fit()
-        except BaseException as e:  # re-raised below, on the driver's thread
+        except BaseException as e:  # handed to the driver's thread, below: it fails the job
             error.append(e)
 
     thread = threading.Thread(target=fit, name="fit", daemon=True)
@@ -332,6 +346,8 @@ def format_summary(summary: dict) -> str:
         secs = f"{r['seconds']:.1f}" if isinstance(r.get("seconds"), (int, float)) else "-"
         lines.append(f"{r['owner'] + '/' + r['name']:<32} {r['status']:<12} {str(r.get('version', '-')):>7} "
                      f"{secs:>7}  {detail}")
+    if summary.get("error"):
+        lines.append(f"training failed: {summary['error']}")
     return "\n".join(lines)
 
 
@@ -380,8 +396,19 @@ def main(argv: list[str] | None = None) -> int:
     except RequestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SourceUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(format_summary(summary))
     print(json.dumps({"job_id": summary["job_id"], "counts": summary["counts"]}))
+    return exit_code(summary)
+
+
+def exit_code(summary: dict) -> int:
+    """0 when every subject is trained or done and training ended cleanly; else 1, saying why on stderr."""
+    if summary["error"]:
+        print(f"error: job {summary['job_id']}: training failed: {summary['error']}", file=sys.stderr)
+        return 1
     return 0 if set(summary["counts"]) <= {"trained", "done-before"} else 1
 
 

@@ -1,10 +1,13 @@
 """A personalization request: the file a user writes, checked before any GPU is asked for.
 
-Two levels of failure. A *malformed* request (a missing or unknown field, a
+Three levels of failure. A *malformed* request (a missing or unknown field, a
 name outside the strict pattern, an unknown recipe field) fails at once with
-`RequestError` naming the field. A *bad subject* (no photos, an undecodable,
-truncated or oversized photo, a name used twice) is reported by owner/name
-and reason, and the other subjects go on.
+`RequestError` naming the field. A *bad subject* (no photos, a missing,
+undecodable, truncated or oversized photo, a name used twice) is reported by
+owner/name and reason, and the other subjects go on. A store that cannot be
+reached or refuses access (no credentials, a bad endpoint, a denied request)
+is nobody's photo problem: `SourceUnavailable` stops the job, naming the
+subject and the source; so does any other error (a bug is not a bad photo).
 
 Photos are read and fully decoded here, on the driver, and kept as bytes with
 their sha256: the same bytes are shipped to the workers (through Ray's object
@@ -23,8 +26,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cluster.store import ObjectNotFound, access_errors
 from yollava.data import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, DatasetError, list_images, load_image
 from yollava.mining import image_sha256
 from yollava.recipe import RecipeConfig
@@ -38,7 +43,19 @@ class RequestError(ValueError):
     """A malformed request: the message names the field (e.g. `subjects.1.name`)."""
 
 
-PhotoSource = list[str] | str  # a list of files (paths or s3:// URIs), a folder, or an s3:// prefix
+class SourceUnavailable(RuntimeError):
+    """Photos could not be read because their store could not be reached or refused access."""
+
+
+# Why a photo source cannot be used that is the source's own problem: a missing file, folder
+# or object, one that cannot be read, an undecodable, truncated or oversized image
+# (DatasetError, a ValueError, as are the bad-URI and bad-key errors).
+PHOTO_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, PermissionError, ObjectNotFound, ValueError,
+                                              UnidentifiedImageError, Image.DecompressionBombError)
+
+# A list of files and folders (paths or s3:// URIs; an s3:// entry ending in "/" is a prefix),
+# a folder, or an s3:// prefix.
+PhotoSource = list[str] | str
 
 
 class SubjectEntry(BaseModel):
@@ -48,7 +65,7 @@ class SubjectEntry(BaseModel):
 
     owner: str = Field(description="namespace of the user who owns the subject")
     name: str = Field(description="concept name: <name> in prompts")
-    photos: PhotoSource = Field(description="list of image files, a folder, or an s3:// prefix")
+    photos: PhotoSource = Field(description="list of image files and folders, a folder, or an s3:// prefix")
     description: str | None = Field(default=None, description="free text, kept with the job record")
 
     @field_validator("owner", "name")
@@ -103,11 +120,28 @@ def load_request(source: str, overrides: dict[str, Any] | None = None) -> Person
     if not isinstance(data, dict):
         raise RequestError(f"request {source}: the top level must be a mapping of fields")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    data["recipe"] = _recipe_with_file(data.get("recipe", {}), base_dir, source)
     try:
         request = PersonalizationRequest.model_validate(data)
     except ValidationError as e:
         raise RequestError(f"request {source}: {_describe(e)}") from None
     return _resolve_paths(request, base_dir)
+
+
+def _recipe_with_file(recipe: Any, base_dir: Path, source: str) -> Any:
+    """`recipe: {from: FILE, ...}`: the recipe file's fields (FILE relative to the request's
+    folder), then the other keys over them; the job records the merged fields."""
+    if not isinstance(recipe, dict) or "from" not in recipe:
+        return recipe
+    rest = {k: v for k, v in recipe.items() if k != "from"}
+    ref = recipe["from"]
+    if not isinstance(ref, str) or not ref or "://" in ref:
+        raise RequestError(f"request {source}: field recipe.from={ref!r} must be a local recipe file path")
+    path = (base_dir / ref) if not Path(ref).is_absolute() else Path(ref)
+    try:
+        return {**RecipeConfig.from_file(path).to_dict(), **rest}
+    except (OSError, ValueError) as e:
+        raise RequestError(f"request {source}: field recipe.from={ref!r}: {e}") from None
 
 
 def _describe(error: ValidationError) -> str:
@@ -176,7 +210,9 @@ def read_photos(source: PhotoSource, max_pixels: int = DEFAULT_MAX_PIXELS,
                 max_bytes: int = DEFAULT_MAX_PHOTO_BYTES) -> list[Photo]:
     """Every photo of a source, read and fully decoded; identical files kept once.
 
-    Raises ValueError (DatasetError, FileNotFoundError...) naming the first bad photo.
+    Raises one of PHOTO_ERRORS (DatasetError, FileNotFoundError, ObjectNotFound...)
+    naming the first bad photo; what the store raises when it cannot be reached
+    or refuses access (`access_errors()`) passes through.
     """
     photos, seen = [], set()
     for uri, read in _list_source(source):
@@ -205,24 +241,52 @@ def check_decodes(uri: str, data: bytes, max_pixels: int) -> None:
 
 
 def _list_source(source: PhotoSource):
-    """(uri, read-bytes callable) for each photo a source names."""
-    if isinstance(source, list):
-        for item in source:
-            if item.startswith("s3://"):
-                bucket, key = _split_s3(item)
-                reader = _s3_reader(bucket)
-                yield item, lambda r=reader, k=key: r.get_bytes(k)
-            else:
-                yield item, lambda p=item: _read_local(p)
-    elif source.startswith("s3://"):
-        bucket, prefix = _split_s3(source)
-        reader = _s3_reader(bucket)
-        for key in reader.list_prefix(prefix):
-            if Path(key).suffix.lower() in IMAGE_SUFFIXES and "/" not in key[len(prefix):].strip("/"):
-                yield f"s3://{bucket}/{key}", lambda r=reader, k=key: r.get_bytes(k)
-    else:
-        for p in list_images(source):
-            yield str(p), lambda p=p: _read_local(p)
+    """(uri, read-bytes callable) for each photo a source names.
+
+    A string is a folder or an s3:// prefix; in a list, a local folder or an
+    s3:// entry ending in "/" is expanded the same way (and must hold photos),
+    any other entry is one file or object.
+    """
+    if isinstance(source, str):
+        yield from _s3_prefix(source) if source.startswith("s3://") else _local_folder(source)
+        return
+    for item in source:
+        if item.startswith("s3://"):
+            yield from _nonempty(item, _s3_prefix(item)) if item.endswith("/") else _s3_object(item)
+        elif Path(item).is_dir():
+            yield from _nonempty(item, _local_folder(item))
+        else:
+            yield item, lambda p=item: _read_local(p)
+
+
+def _nonempty(folder: str, photos):
+    """`photos`, or DatasetError when a folder named in a list holds none (a slip, not a choice)."""
+    found = False
+    for photo in photos:
+        found = True
+        yield photo
+    if not found:
+        raise DatasetError(f"no photos found in {folder!r}")
+
+
+def _local_folder(folder: str):
+    for p in list_images(folder):
+        yield str(p), lambda p=p: _read_local(p)
+
+
+def _s3_prefix(uri: str):
+    """Objects directly under the prefix with an image suffix."""
+    bucket, prefix = _split_s3(uri)
+    reader = _s3_reader(bucket)
+    for key in reader.list_prefix(prefix):
+        if Path(key).suffix.lower() in IMAGE_SUFFIXES and "/" not in key[len(prefix):].strip("/"):
+            yield f"s3://{bucket}/{key}", lambda r=reader, k=key: r.get_bytes(k)
+
+
+def _s3_object(uri: str):
+    bucket, key = _split_s3(uri)
+    reader = _s3_reader(bucket)
+    yield uri, lambda: reader.get_bytes(key)
 
 
 def _read_local(path: str | os.PathLike) -> bytes:
@@ -240,7 +304,7 @@ def _split_s3(uri: str) -> tuple[str, str]:
 
 
 def _s3_reader(bucket: str):
-    from cluster.store import S3Store  # boto3 only when S3 is used
+    from cluster.store_s3 import S3Store  # boto3 only when S3 is used
 
     return S3Store(bucket, endpoint_url=s3_endpoint())
 
@@ -266,8 +330,17 @@ def check_subjects(request: PersonalizationRequest, max_pixels: int = DEFAULT_MA
             checked.reason = f"duplicate name: {s.owner}/{s.name} appears {counts[s.owner, s.name]} times"
         else:
             try:
-                checked.photos = read_photos(s.photos, max_pixels, max_bytes)
-            except Exception as e:  # any reason a photo cannot be used is this subject's problem only
+                checked.photos = read_source(f"subject {checked.label}", s.photos, max_pixels, max_bytes)
+            except PHOTO_ERRORS as e:  # this subject's problem only
                 checked.reason = f"photos: {e}"
         out.append(checked)
     return out
+
+
+def read_source(what: str, source: PhotoSource, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_bytes: int = DEFAULT_MAX_PHOTO_BYTES) -> list[Photo]:
+    """read_photos, where a store that cannot be reached or refuses access raises SourceUnavailable."""
+    try:
+        return read_photos(source, max_pixels, max_bytes)
+    except access_errors() as e:
+        raise SourceUnavailable(f"{what}: photos {source!r} could not be read: {type(e).__name__}: {e}") from e

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from cluster.keys import done_key, subject_record_key
 from cluster.negatives import PoolInfo, load_index
@@ -150,7 +150,7 @@ class PackRunner:
                 spec = SubjectSpec(t.name, t.photo_keys(), t.owner, t.description)
                 sets += build_sets(self.backbone, [spec], loader, self.pool or NegativePool(), self.config)
                 check_private(sets[-1], t, self.pool.ids if self.pool else [])
-            except Exception as e:  # one subject's failure is its own
+            except SUBJECT_ERRORS as e:  # one subject's failure is its own; a bug fails the job
                 log.exception("subject %s: could not build its training set", t.label)
                 failed[t.label] = f"{type(e).__name__}: {e}"
         by_name = {ts.subject: ts for ts in sets}
@@ -280,13 +280,22 @@ class RefLoader:
 # -- privacy ------------------------------------------------------------------------------------
 
 
+class PrivacyError(RuntimeError):
+    """A subject's training set holds a photo that is neither its own nor the pool's."""
+
+
 def check_private(ts: TrainingSet, t: SubjectTask, pool_ids: list[str]) -> None:
     """Every photo a subject trains on is its own or from the shared pool; never another subject's."""
     own, pool = set(t.photo_keys()), set(pool_ids)
     for s in ts.train + ts.holdout:
         if s.photo is not None and s.photo.key not in own and s.photo.key not in pool:
-            raise RuntimeError(f"subject {t.label}: training photo {s.photo.key!r} is neither its own "
+            raise PrivacyError(f"subject {t.label}: training photo {s.photo.key!r} is neither its own "
                                "nor from the negative pool")
+
+
+# What building one subject's training set can fail with that is that subject's problem: its
+# photos (unreadable, undecodable), its recipe-level checks (ValueError), the privacy guard.
+SUBJECT_ERRORS = (ValueError, OSError, UnidentifiedImageError, PrivacyError)
 
 
 def photo_usage(ts: TrainingSet, t: SubjectTask) -> dict[str, list[str]]:

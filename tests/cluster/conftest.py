@@ -12,6 +12,7 @@ import uuid
 
 import boto3
 import pytest
+import ray
 
 from cluster.store import MiB, open_store
 
@@ -80,7 +81,6 @@ def store(request, tmp_path):
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray with 2 CPUs for the whole session; workers get dummy AWS credentials (moto)."""
-    ray = pytest.importorskip("ray")
     env = {} if os.environ.get(ENDPOINT_ENV) else dict(DUMMY_AWS_ENV)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # notice finished/dead workers sooner
     if ray.is_initialized():  # another module's Ray, without the workers' environment above

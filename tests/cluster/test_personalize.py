@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cluster.personalize as job_mod
-from cluster.keys import done_key
+from cluster.keys import done_key, subject_record_key
 from cluster.personalize import JobOptions, run_job
 from cluster.request import load_request
 from cluster.store import open_store
@@ -119,6 +119,45 @@ def test_worker_killed_mid_job_trains_every_subject_once(ray_local, tmp_path, mo
     store = open_store((tmp_path / "store").as_uri())
     for owner, name in SUBJECTS:
         assert store.versions(owner, name) == [1]
+
+
+SUMMARY_FIELDS = {"job_id", "base_model", "base_fingerprint", "store", "recipe", "seconds", "negative_pool", "error",
+                  "counts", "subjects"}
+TRAINED_RECORD_FIELDS = {"owner", "name", "key", "status", "seconds", "worker", "version", "metrics", "usage"}
+DONE_MARKER_FIELDS = {"owner", "name", "key", "version", "job_id", "seconds"}
+
+
+class FailsAfterFit:
+    """The real trainer, whose run then fails anyway: every record is written, the run is not a success."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def fit(self):
+        self.trainer.fit()
+        raise RuntimeError("worker group lost after the last report")
+
+
+def test_training_that_fails_after_every_record_was_written_fails_the_job(ray_local, tmp_path, monkeypatch,
+                                                                          capsys):
+    monkeypatch.setattr(job_mod, "request_resources", lambda bundles: None)
+    make_trainer = job_mod.make_trainer
+    monkeypatch.setattr(job_mod, "make_trainer", lambda *args: FailsAfterFit(make_trainer(*args)))
+    store_dir = tmp_path / "store"
+    path = write_request(tmp_path, store_dir.as_uri(), subjects=SUBJECTS[:1], pool=0)
+    code = job_mod.main([str(path), "--no-progress", "--job-id", "job-lost", "--storage-path", str(tmp_path / "rr")])
+    out, err = capsys.readouterr()
+    why = "RuntimeError: worker group lost after the last report"
+    assert code == 1
+    assert f"error: job job-lost: training failed: {why}" in err
+    assert f"training failed: {why}" in out  # under the summary table
+    store = open_store(store_dir.as_uri())
+    summary = store.get_json("jobs/job-lost/summary.json")
+    assert set(summary) == SUMMARY_FIELDS
+    assert (summary["counts"], summary["error"]) == ({"trained": 1}, why)  # every subject recorded, still failed
+    record = store.get_json(subject_record_key("job-lost", "alice", "bo"))
+    assert set(record) == TRAINED_RECORD_FIELDS and set(record["usage"]) == {"positive", "negative"}
+    assert set(store.get_json(done_key("alice", "bo", record["key"]))) == DONE_MARKER_FIELDS
 
 
 DEEPSPEED = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}

@@ -1,20 +1,25 @@
 """The artifact store: same behaviour on a local folder and on S3 (moto or CI's server)."""
 
+import json
 import os
 import pickle
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from cluster.store import (MiB, ConceptExists, ConceptNotFound, ConceptRef, FileStore, ObjectNotFound, S3Store,
-                           open_store)
+from cluster.store import MiB, ConceptExists, ConceptNotFound, ConceptRef, FileStore, ObjectNotFound, open_store
+from cluster.store_s3 import S3Store
 from tests.cluster.conftest import MULTIPART
 from tests.conftest import random_rows
 from yollava.artifacts import MANIFEST_FILE, TENSORS_FILE, ArtifactError, ConceptArtifact
 
+ROOT = Path(__file__).resolve().parents[2]
 OBJECT_LAYER = ("put_bytes", "get_bytes", "exists", "list_prefix", "delete_prefix", "delete_key")
 
 
@@ -264,3 +269,37 @@ def test_store_survives_pickling_for_ray_tasks(store, tiny):
     assert_same_rows(copy.get_concept("alice", "bo"), make_artifact(tiny))
     assert copy.put_concept(make_artifact(tiny)) == 2  # writes too (multipart config rebuilt)
     assert store.versions("alice", "bo") == [1, 2]
+
+
+# What a process that only uses a local store has loaded of the store and of boto3/botocore.
+FILE_ONLY = """
+import json, sys
+from cluster.store import access_errors, open_store
+
+store = open_store(sys.argv[1])
+store.put_json("jobs/j/summary.json", {"ok": True})
+assert store.get_json("jobs/j/summary.json") == {"ok": True}
+assert store.list_prefix("jobs") == ["jobs/j/summary.json"] and store.exists("jobs/j/summary.json")
+print(json.dumps({"modules": sorted(m for m in sys.modules if m.split(".")[0] in ("boto3", "botocore", "cluster")),
+                  "access_errors": [e.__name__ for e in access_errors()]}))
+"""
+
+
+def test_a_file_store_never_imports_boto3(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", FILE_ONLY, (tmp_path / "store").as_uri()], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"modules": ["cluster", "cluster.store", "cluster.store_base"],
+                                       "access_errors": []}
+
+
+def test_s3_access_errors_are_known_once_the_backend_is_loaded(monkeypatch):
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    from cluster.store import access_errors
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    open_store("s3://my-bucket/x", endpoint_url="http://127.0.0.1:9")
+    assert access_errors() == (BotoCoreError, ClientError)
+    assert not issubclass(ObjectNotFound, access_errors()) and issubclass(NoCredentialsError, access_errors())
