@@ -23,6 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -41,19 +43,6 @@ from serve.schemas import (Chat, ChatCompletionRequest, RequestError, chunk_body
 log = logging.getLogger(__name__)
 
 
-class LimitArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_image_bytes: int = 8 * 1024 * 1024
-    max_image_pixels: int = 4096 * 4096
-    max_images: int = 4
-    max_concepts: int = 8
-    max_tokens: int = 512
-    default_max_tokens: int = 128
-    max_messages: int = 64
-    max_text_chars: int = 32_000
-
-
 class AppArgs(BaseModel):
     """Arguments of `build_app` (`serve run serve.app:build_app key=value ...` or config.yaml `args`)."""
 
@@ -70,7 +59,7 @@ class AppArgs(BaseModel):
     max_batch_size: int = Field(32, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)
-    limits: LimitArgs = Field(default_factory=LimitArgs)
+    limits: Limits = Field(default_factory=Limits, description="request limits (serve.limits.Limits)")
 
     def open_store(self):
         return open_store(self.store, **({"endpoint_url": self.s3_endpoint_url} if self.s3_endpoint_url else {}))
@@ -87,6 +76,10 @@ class ApiError(Exception):
 
     def response(self, headers: dict | None = None) -> JSONResponse:
         return JSONResponse(error_body(str(self), self.type, self.param, self.code), self.status, headers=headers)
+
+
+def _error_type(status: int) -> str:
+    return "server_error" if status >= 500 else "invalid_request_error"
 
 
 api = FastAPI(title="Yo'LLaVA chat", docs_url=None, redoc_url=None, openapi_url=None)
@@ -177,7 +170,7 @@ class ChatModel:
         s, c = self.engine.scheduler.stats, self.engine.cache
         return {"batches": s.batches, "rows": s.rows, "max_batch": s.max_batch,
                 "batch_sizes": list(s.batch_sizes), "cache": dict(c.stats.__dict__),
-                "cache_bytes": c.nbytes, "cached": len(c._lru)}
+                "cache_bytes": c.nbytes, "cached": len(c)}
 
     def forget(self, owner: str, name: str) -> bool:
         """Drop a concept from this replica's cache (others revalidate within revalidate_s)."""
@@ -190,7 +183,7 @@ class ChatIngress:
     def __init__(self, model: DeploymentHandle, args: AppArgs):
         self.model, self.args = model, args
         self.model_id = args.model
-        self.limits = Limits(**args.limits.model_dump())
+        self.limits = args.limits
         self.keys = KeyRing(args.keys)
         self.store = args.open_store()
         self.sharing = Sharing(self.store)
@@ -270,7 +263,8 @@ class ChatIngress:
         events = self.model.options(stream=True).chat.remote(tenant, chat)
         first = await events.__anext__()
         if first["event"] == "error":
-            raise ApiError(first["status"], first["message"], code=first["code"], param=first["param"])
+            raise ApiError(first["status"], first["message"], _error_type(first["status"]), first["code"],
+                           first["param"])
         headers = {"x-concepts-used": ",".join(first["concepts"])}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -338,8 +332,8 @@ class ChatIngress:
             raise ApiError(404, f"no concept named {name!r}", code="concept_not_found", param="name")
         try:
             await self.model.forget.remote(tenant, name)
-        except Exception:  # the other replicas revalidate within revalidate_s anyway
-            log.warning("could not evict %s/%s from a model replica", tenant, name)
+        except (RayError, RayServeException) as e:  # the other replicas revalidate within revalidate_s anyway
+            log.warning("could not evict %s/%s from a model replica: %r", tenant, name, e)
         return {"id": name, "object": "concept.deleted", "deleted": True}
 
     @api.get("/v1/concepts/{name}/shares")
@@ -374,5 +368,4 @@ class ChatIngress:
 
 def build_app(args: AppArgs) -> serve.Application:
     """The application: `serve run serve.app:build_app store=URI model=ID keys=FILE`."""
-    Limits(**args.limits.model_dump())  # validate before any replica starts
     return ChatIngress.bind(ChatModel.bind(args), args)

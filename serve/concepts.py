@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cluster.store import ArtifactStore, ConceptNotFound, ObjectNotFound
+from yollava.artifacts import ArtifactError
 from yollava.concept_model import ConceptRows
 from yollava.tokens import ConceptTokens, check_name
 
@@ -133,6 +134,9 @@ class ConceptCache:
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._lru
 
+    def __len__(self) -> int:
+        return len(self._lru)
+
     async def get(self, owner: str, name: str) -> ConceptRows | None:
         """The latest rows of owner/name, or None if it does not exist."""
         key = (owner, name)
@@ -209,6 +213,18 @@ def _nbytes(rows: ConceptRows) -> int:
     return sum(t.numel() * t.element_size() for t in (rows.embed, rows.head))
 
 
+class ConceptBroken(Exception):
+    """A concept the caller may use whose stored artifact fails its checks on load.
+
+    `ref` is the reference as the caller typed it; the store's own words (paths,
+    digests) are in `__cause__`, for the log only.
+    """
+
+    def __init__(self, ref: str):
+        super().__init__(f"concept <{ref}> failed its integrity check on load")
+        self.ref = ref
+
+
 class ConceptResolver:
     """A tenant's `<ref>`s -> the concept rows it may use, shown as it typed them."""
 
@@ -226,7 +242,10 @@ class ConceptResolver:
         owner, name = split_ref(ref, tenant)
         if owner != tenant and tenant not in await self._grantees(owner, name):
             return None
-        rows = await self.cache.get(owner, name)
+        try:
+            rows = await self.cache.get(owner, name)
+        except ArtifactError as e:  # tampered, corrupt, or made for another base model
+            raise ConceptBroken(ref) from e
         if rows is None:
             return None
         display = ref if "/" in ref else None

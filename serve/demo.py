@@ -30,8 +30,6 @@ from pathlib import Path
 
 import yaml
 
-from yollava.recipe import RecipeConfig
-
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "examples" / "miniworld"  # written by `python -m miniworld.subjects`
 RECIPE_FILE = ROOT / "examples" / "mini-recipe.yaml"
@@ -51,7 +49,7 @@ def write_request(work: Path, model: str) -> Path:
     meta = load_meta(SAMPLES)
     subjects = [{"owner": m["owner"], "name": m["name"], "description": m["description"],
                  "photos": str(SAMPLES / "train" / m["name"])} for m in meta["subjects"]]
-    recipe = RecipeConfig.from_file(RECIPE_FILE, {"epochs": DEMO_EPOCHS}).to_dict()
+    recipe = {"from": str(RECIPE_FILE), "epochs": DEMO_EPOCHS}  # the recipe file, fewer epochs
     request = {"base_model": model, "store": (work / "store").resolve().as_uri(), "recipe": recipe,
                "negatives": str(SAMPLES / "pool"), "subjects": subjects}
     path = work / "request.yaml"

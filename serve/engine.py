@@ -18,14 +18,25 @@ from typing import AsyncIterator, Callable
 
 import torch
 
-from cluster.store import ArtifactStore
+from cluster.store import ArtifactStore, access_errors
 from yollava.backbone import Backbone
+from yollava.concept_model import ConceptRows
 from yollava.generate import GenerationRequest, GenerationResult, Generator, SamplingParams
 
-from serve.concepts import ConceptCache, ConceptResolver, Sharing
+from serve.concepts import ConceptBroken, ConceptCache, ConceptResolver, Sharing
 from serve.schemas import Chat
 
 log = logging.getLogger(__name__)
+
+
+class GenerationFailed(RuntimeError):
+    """Generation of a request failed (logged where it did); the model's error is the `__cause__`."""
+
+
+def _failed(error: Exception) -> GenerationFailed:
+    failed = GenerationFailed(f"generation failed: {error!r}")
+    failed.__cause__ = error
+    return failed
 
 
 @dataclass
@@ -99,20 +110,21 @@ class BatchScheduler:
             if not batch:
                 continue
             self._count(len(batch))
+            # Whatever the model raises fails its requests, never the scheduler: broad on purpose.
             try:
                 await self._decode(loop, batch)
-            except Exception:
+            except Exception as e:
                 if len(batch) == 1:
                     log.exception("generation failed")
-                    batch[0].queue.put_nowait(("error", RuntimeError("generation failed")))
+                    batch[0].queue.put_nowait(("error", _failed(e)))
                     continue
                 log.exception("a batch of %d failed; retrying its requests one by one", len(batch))
                 for job in batch:
                     try:
                         await self._decode(loop, [job])
-                    except Exception:
+                    except Exception as row_error:
                         log.exception("generation failed")
-                        job.queue.put_nowait(("error", RuntimeError("generation failed")))
+                        job.queue.put_nowait(("error", _failed(row_error)))
 
     async def _decode(self, loop, batch: list[_Job]) -> None:
         def on_delta(i: int, text: str) -> None:
@@ -150,19 +162,19 @@ class ChatEngine:
                  revalidate_s: float = 1.0, max_batch_size: int = 32, batch_wait_s: float = 0.005,
                  on_cache_event: Callable[[str], None] | None = None,
                  on_batch: Callable[[int], None] | None = None):
+        self.context_length = context_length(backbone.config)  # first: a model without one fails at once
         self.backbone = backbone
         self.generator = Generator(backbone)
         self.cache = ConceptCache(store, backbone.fingerprint, cache_bytes, revalidate_s,
                                   on_event=on_cache_event)
         self.resolver = ConceptResolver(self.cache, Sharing(store), revalidate_s)
         self.scheduler = BatchScheduler(self.generator, max_batch_size, batch_wait_s, on_batch)
-        text_cfg = getattr(backbone.config, "text_config", backbone.config)
-        self.context_length = int(getattr(text_cfg, "max_position_embeddings", 4096))
 
     async def chat(self, tenant: str, chat: Chat) -> AsyncIterator[dict]:
         try:
             request, prompt_tokens = await self._prepare(tenant, chat)
         except ChatError as e:
+            log.info("request %s of %s refused (%d): %s", chat.request_id, tenant, e.status, e)
             yield e.event()
             return
         yield {"event": "start", "prompt_tokens": prompt_tokens,
@@ -175,16 +187,12 @@ class ChatEngine:
                     res: GenerationResult = value
                     yield {"event": "end", "finish_reason": res.finish_reason,
                            "prompt_tokens": res.prompt_tokens, "completion_tokens": len(res.token_ids)}
-        except Exception:
+        except GenerationFailed as e:
+            log.error("request %s of %s: %s", chat.request_id, tenant, e)
             yield ChatError("the model failed to answer this request", 500, "internal_error").event()
 
     async def _prepare(self, tenant: str, chat: Chat) -> tuple[GenerationRequest, int]:
-        try:
-            concepts = await self.resolver.resolve(tenant, chat.refs)
-        except Exception:  # store down, or an artifact failing its checks: say so, show nothing inside
-            log.exception("resolving concepts %s of %s failed", chat.refs, tenant)
-            raise ChatError("a concept named in the request could not be loaded; retry later", 503,
-                            "concept_unavailable", "messages") from None
+        concepts = await self._resolve(tenant, chat.refs)
         try:
             params = SamplingParams(chat.max_tokens, chat.temperature, chat.top_p, chat.stop, chat.seed)
             request = GenerationRequest(chat.messages, concepts, chat.images, params)
@@ -196,6 +204,38 @@ class ChatEngine:
                             f"the model's context of {self.context_length}", 400,
                             "context_length_exceeded", "messages")
         return request, n
+
+    async def _resolve(self, tenant: str, refs: list[str]) -> list[ConceptRows]:
+        """The concepts of `refs`; a ChatError naming the ref as typed, nothing from inside the store.
+
+        A broken artifact is a 500 (retrying will not help); a store that cannot answer (FileStore's
+        OSError, the S3 backend's `access_errors`) a 503. Anything else is a bug and propagates.
+        """
+        try:
+            return await self.resolver.resolve(tenant, refs)
+        except ConceptBroken as e:
+            log.error("tenant %s: %s", tenant, e, exc_info=True)
+            raise ChatError(f"concept <{e.ref}> failed its integrity check when loaded (a damaged artifact, "
+                            "or one made for another base model); it cannot be used until it is stored again",
+                            500, "concept_integrity_failed", "messages") from None
+        except (OSError, *access_errors()):  # the store cannot answer now: the request may succeed later
+            log.warning("resolving concepts %s of %s failed: the store did not answer", refs, tenant,
+                        exc_info=True)
+            raise ChatError("a concept named in the request could not be loaded; retry later", 503,
+                            "concept_unavailable", "messages") from None
+
+
+def context_length(config) -> int:
+    """The model's context in tokens: `max_position_embeddings` of its text config (LLaVA's
+    `text_config`, else the config itself); ValueError if the config does not give it."""
+    text = getattr(config, "text_config", None)
+    if text is None:
+        text = config
+    n = getattr(text, "max_position_embeddings", None)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the model config ({type(text).__name__}) has max_position_embeddings={n!r}: "
+                         "cannot tell the model's context length")
+    return n
 
 
 def set_torch_threads(n: int | None) -> None:

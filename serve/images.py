@@ -27,8 +27,10 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_bytes: int = 8 * 1024 * 1024
-    max_pixels: int = 4096 * 4096
+    """The image part of `serve.limits.Limits` (where the defaults are)."""
+
+    max_bytes: int
+    max_pixels: int
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1 or self.max_pixels < 1:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import hmac
 import json
 import os
 import secrets
@@ -127,12 +126,9 @@ class KeyRing:
         with self._lock:
             if time.monotonic() - self._checked > self.recheck_s:
                 self._reload()
-            digest = hash_key(key)
-            tenant = self._by_hash.get(digest)
-            # The lookup is by hash, so timing reveals nothing about the key; compare anyway.
-            if tenant is None:
-                hmac.compare_digest(digest, "0" * len(digest))
-            return tenant
+            # A lookup by sha256 of the key: its timing depends on the hash, which a caller cannot
+            # steer towards a stored one, so no constant-time compare is needed.
+            return self._by_hash.get(hash_key(key))
 
 
 def main(argv: list[str] | None = None) -> int:

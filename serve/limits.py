@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from yollava.prompt import Message, mentions
 
@@ -10,8 +10,11 @@ from serve.images import ImageError, ImageLimits, decode_data_url
 from serve.schemas import Chat, ChatCompletionRequest, ImagePart, RequestError, TextPart
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(BaseModel):
+    """Every request limit and its default, defined here only: `AppArgs.limits`, config.yaml's
+    `args.limits` and the image decoder's `ImageLimits` all come from this model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
     max_body_bytes: int = 16 * 1024 * 1024
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
@@ -22,12 +25,18 @@ class Limits:
     max_messages: int = 64
     max_text_chars: int = 32_000  # all text of a request
 
-    def __post_init__(self) -> None:
-        for name, value in self.__dict__.items():
-            if value < 1:
-                raise ValueError(f"limit {name}={value} must be >= 1")
+    @field_validator("*")
+    @classmethod
+    def _positive(cls, value: int, info) -> int:
+        if value < 1:
+            raise ValueError(f"limit {info.field_name}={value} must be >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> "Limits":
         if self.default_max_tokens > self.max_tokens:
             raise ValueError(f"default_max_tokens={self.default_max_tokens} exceeds max_tokens={self.max_tokens}")
+        return self
 
     @property
     def image(self) -> ImageLimits:

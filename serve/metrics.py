@@ -1,26 +1,31 @@
-"""Prometheus metrics through Ray Serve (`ray.serve.metrics`); no-ops outside a Ray worker."""
+"""Prometheus metrics through Ray Serve (`ray.serve.metrics`).
+
+Outside a Ray worker (unit tests, a plain `python`) Ray's metric classes build
+and record without error but nothing exports them, so they are no-ops there
+by themselves; `_make` says so once in the log. Any error building a metric
+(a bad name, tag keys or boundaries) is a bug and propagates.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 
-class _Noop:
-    def inc(self, value=1.0, tags=None):
-        pass
+import ray
+from ray.serve import metrics
 
-    def observe(self, value, tags=None):
-        pass
+log = logging.getLogger(__name__)
 
-    def set(self, value, tags=None):
-        pass
+
+@functools.cache
+def _say_not_exported() -> None:
+    log.warning("not inside Ray (ray.is_initialized() is False): metrics are recorded but not exported")
 
 
 def _make(kind: str, name: str, description: str, tag_keys: tuple = (), **kw):
-    try:
-        from ray.serve import metrics
-
-        return getattr(metrics, kind)(name, description=description, tag_keys=tag_keys, **kw)
-    except Exception:  # not inside Ray (unit tests): count nothing
-        return _Noop()
+    if not ray.is_initialized():
+        _say_not_exported()
+    return getattr(metrics, kind)(name, description=description, tag_keys=tag_keys, **kw)
 
 
 class ModelMetrics:
@@ -30,8 +35,9 @@ class ModelMetrics:
         self.requests = _make("Counter", "yollava_chat_requests", "Chat requests by outcome.", ("outcome",))
         self.prompt_tokens = _make("Counter", "yollava_prompt_tokens", "Prompt tokens processed.")
         self.completion_tokens = _make("Counter", "yollava_completion_tokens", "Tokens generated.")
+        # Ray wants positive bounds: the first bucket (<= 0.5) counts requests without a concept.
         self.concepts_per_request = _make("Histogram", "yollava_concepts_per_request",
-                                          "Concepts resolved per request.", boundaries=[0, 1, 2, 4, 8, 16])
+                                          "Concepts resolved per request.", boundaries=[0.5, 1, 2, 4, 8, 16])
         self.batch_size = _make("Histogram", "yollava_batch_size", "Requests decoded together.",
                                 boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
         self.cache = _make("Counter", "yollava_concept_cache_events",

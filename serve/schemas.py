@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yollava.prompt import Message
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
+# Fixed by the protocol (OpenAI's own bounds), not configurable: `serve.limits.Limits` holds those.
+MAX_STOPS = 4
+MAX_STOP_CHARS = 64
+MAX_USER_CHARS = 256
 
 
 class TextPart(BaseModel):
@@ -66,7 +70,7 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = 1
     seed: int | None = None
-    user: str | None = Field(default=None, max_length=256)
+    user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
 
     @field_validator("n")
     @classmethod
@@ -79,10 +83,10 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop strings")
-        if any(not s or len(s) > 64 for s in stops):
-            raise ValueError("stop strings must be 1-64 characters")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"{len(stops)} stop strings; at most {MAX_STOPS}")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings must be 1-{MAX_STOP_CHARS} characters")
         return v
 
     @property

@@ -261,17 +261,17 @@ def test_reproduce_writes_the_table_plot_and_figures(tmp_path):
 
 def test_the_mini_recipe_has_one_source(tmp_path):
     """The reproduction, the demo's request and the example request all read examples/mini-recipe.yaml."""
-    import yaml
-
+    from cluster.request import load_request
     from miniworld.reproduce import MINI_RECIPE, RECIPE_FILE
     from serve import demo
     from yollava.recipe import RecipeConfig
 
     assert MINI_RECIPE == RecipeConfig.from_file(RECIPE_FILE) and demo.RECIPE_FILE == RECIPE_FILE
     assert MINI_RECIPE.flip is False  # a flip moves the notch: the twin would become a positive
-    request = yaml.safe_load(demo.write_request(tmp_path, "mini").read_text())
-    assert RecipeConfig.from_dict(request["recipe"]) == RecipeConfig.from_file(RECIPE_FILE,
-                                                                                {"epochs": demo.DEMO_EPOCHS})
+    five = RecipeConfig.from_file(RECIPE_FILE, {"epochs": 5})
+    assert load_request(str(demo.write_request(tmp_path, "mini"))).recipe_config() == five
+    example = Path(__file__).resolve().parents[1] / "examples" / "request.yaml"
+    assert load_request(str(example)).recipe_config() == five
 
 
 def test_dev_script_refuses_the_sample_subjects_and_types_overrides():

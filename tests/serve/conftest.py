@@ -13,7 +13,7 @@ import pytest
 from cluster.store import open_store
 from tests.cluster.conftest import DUMMY_AWS_ENV, ENDPOINT_ENV, s3_endpoint  # noqa: F401 (fixture)
 from tests.conftest import random_rows
-from yollava.artifacts import ConceptArtifact
+from yollava.artifacts import TENSORS_FILE, ConceptArtifact
 
 from serve.keys import create_key
 
@@ -33,6 +33,14 @@ def free_port() -> int:
 def save_concept(store, tiny, owner, name, seed, k=4, scale=3.0):
     return store.put_concept(ConceptArtifact(owner, random_rows(tiny, name, k=k, seed=seed, scale=scale),
                                              "tiny", tiny.fingerprint))
+
+
+def tamper(store, owner, name, version=1):
+    """Flip one byte of the stored tensors (their data is at the end of the file)."""
+    key = f"concepts/{owner}/{name}/v{version}/{TENSORS_FILE}"
+    data = bytearray(store.get_bytes(key))
+    data[-1] ^= 0xFF
+    store.put_bytes(key, bytes(data))
 
 
 @dataclass
@@ -71,7 +79,7 @@ def aws_env(s3_endpoint):  # noqa: F811
 def live(tiny, s3_endpoint, aws_env, tmp_path_factory):  # noqa: F811
     """The app on a local Ray, for one test module; Ray is shut down after it unless it was running
     already (the cluster tests' session-wide `ray_local`), so the two can run in one session."""
-    ray = pytest.importorskip("ray")
+    import ray  # a broken Ray install is an error here, never a skip
     from ray import serve
 
     from serve.app import AppArgs, build_app

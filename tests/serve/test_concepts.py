@@ -7,8 +7,9 @@ import time
 import pytest
 
 from cluster.store import open_store
-from serve.concepts import ConceptCache, ConceptResolver, Sharing, split_ref
-from tests.serve.conftest import save_concept
+from serve.concepts import ConceptBroken, ConceptCache, ConceptResolver, Sharing, split_ref
+from tests.serve.conftest import save_concept, tamper
+from yollava.artifacts import ArtifactError
 
 
 class CountingStore:
@@ -72,7 +73,7 @@ def test_lru_by_bytes(local, tiny):
         await cache.get("alice", "c3")  # evicts c1, the least recent
 
     run(go())
-    assert cache.nbytes == 3 * one
+    assert cache.nbytes == 3 * one and len(cache) == 3
     assert [k[1] for k in cache._lru] == ["c2", "c0", "c3"]
     assert cache.stats.evictions == 1
 
@@ -103,8 +104,8 @@ def test_other_base_model_is_refused(local, tiny):
 
 
 def test_resolution_by_owner_and_shares(local, tiny):
-    for owner, name in (("alice", "bo"), ("bob", "bo"), ("carol", "mug")):
-        save_concept(local, tiny, owner, name, hash((owner, name)) % 1000)
+    for seed, (owner, name) in enumerate((("alice", "bo"), ("bob", "bo"), ("carol", "mug"))):
+        save_concept(local, tiny, owner, name, seed)
     sharing = Sharing(local)
     resolver = ConceptResolver(ConceptCache(local, tiny.fingerprint, revalidate_s=0), sharing, revalidate_s=0)
 
@@ -125,3 +126,18 @@ def test_resolution_by_owner_and_shares(local, tiny):
     got = run(resolver.resolve("bob", ["alice/bo"]))[0]
     assert got.tokens.identifier == "<alice/bo>" and got.tokens.latents[0] == "<bo_1>"
     assert (got.embed == local.get_concept("alice", "bo").rows.embed).all()
+
+
+def test_a_broken_artifact_is_named_as_the_caller_typed_it(local, tiny):
+    save_concept(local, tiny, "alice", "bo", 1)
+    save_concept(local, tiny, "alice", "ok", 2)
+    tamper(local, "alice", "bo")
+    sharing = Sharing(local)
+    sharing.share("alice", "bo", "bob")
+    resolver = ConceptResolver(ConceptCache(local, tiny.fingerprint, revalidate_s=0), sharing, revalidate_s=0)
+    for tenant, ref in (("alice", "bo"), ("bob", "alice/bo")):
+        with pytest.raises(ConceptBroken) as info:
+            run(resolver.resolve(tenant, ["ok", ref]))
+        assert info.value.ref == ref and str(info.value) == f"concept <{ref}> failed its integrity check on load"
+        assert isinstance(info.value.__cause__, ArtifactError)
+    assert [c.tokens.identifier for c in run(resolver.resolve("alice", ["ok"]))] == ["<ok>"]

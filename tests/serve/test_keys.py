@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from serve.keys import KEY_PREFIX, KeyRing, create_key, hash_key, main, read_keys_file, revoke_key
 
 
@@ -38,12 +40,21 @@ def test_cli_prints_the_key_once(tmp_path, capsys):
     assert "tenant" in capsys.readouterr().err
 
 
+def test_wrong_key_of_the_right_shape_is_refused(tmp_path):
+    """Past the format check: a well-formed key of the right length is looked up by its hash and refused."""
+    path = tmp_path / "keys.json"
+    key = create_key(path, "alice")
+    ring = KeyRing(path, recheck_s=0)
+    one_off = key[:-1] + ("A" if key[-1] != "A" else "B")
+    stranger = create_key(tmp_path / "other.json", "alice")  # a real key, of another keys file
+    for wrong in (one_off, stranger, KEY_PREFIX + "0" * (len(key) - len(KEY_PREFIX))):
+        assert len(wrong) == len(key) and wrong.startswith(KEY_PREFIX)
+        assert ring.tenant(wrong) is None
+    assert ring.tenant(key) == "alice"
+
+
 def test_malformed_keys_file_is_refused(tmp_path):
     path = tmp_path / "keys.json"
     path.write_text(json.dumps({"format_version": 1, "keys": [{"tenant": "alice"}]}))
-    try:
+    with pytest.raises(ValueError, match="entry 0"):
         read_keys_file(path)
-    except ValueError as e:
-        assert "entry 0" in str(e)
-    else:
-        raise AssertionError("accepted a malformed keys file")
