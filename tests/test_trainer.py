@@ -138,3 +138,39 @@ def test_micro_batches_accumulate_to_the_same_gradient(tiny, cfg):
         assert abs(losses[k] - whole[k].item()) < 1e-5
     for p, g in zip(params, expected):
         assert torch.allclose(p.grad, g, atol=1e-6)
+
+
+def test_recurring_tokens_find_what_every_photo_shares():
+    """The subject's token recurs across photos at any position; backgrounds do not."""
+    from yollava.trainer import recurring_tokens
+
+    g = torch.Generator().manual_seed(0)
+    subject = torch.randn(8, generator=g)
+    feats = torch.randn(4, 6, 8, generator=g)  # (P, n_img, d) of noise
+    where = [0, 3, 5, 2]
+    for p, i in enumerate(where):
+        feats[p, i] = subject + 0.05 * torch.randn(8, generator=g)
+    out = recurring_tokens(feats)
+    assert torch.equal(out, feats[torch.arange(4), torch.tensor(where)])
+
+
+def test_photos_init_starts_latents_at_the_subjects_tokens(tiny, cfg):
+    from dataclasses import replace
+
+    from yollava.recipe import PhotoRef
+    from yollava.trainer import recurring_tokens
+
+    cfg = replace(cfg, init="photos", num_latent=5)
+    ts = make_sets(cfg, names=("bo",))[0]
+    tr = trainer(tiny, cfg)
+    latents = tr._initial_latents(ts)
+    refs = list(dict.fromkeys(s.photo.key for s in ts.train + ts.holdout if s.kind == "positive"))
+    want = recurring_tokens(tr.features.get([PhotoRef(k) for k in refs]).float())
+    assert latents.shape == (5, tiny.hidden_size) and len(refs) == 3
+    assert torch.equal(latents[0], want[0]) and torch.equal(latents[3], want[0])  # photos in turn
+    bank = ConceptBank(tiny)
+    bank.add("bo", 5, latents=latents)
+    assert torch.equal(bank.embed["bo"][1:].detach(), latents)
+    assert trainer(tiny, replace(cfg, init="mean"))._initial_latents(ts) is None  # the paper's start
+    with pytest.raises(ValueError, match="must be 'mean' or 'photos'"):
+        replace(cfg, init="bad")

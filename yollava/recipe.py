@@ -42,6 +42,9 @@ class RecipeConfig:
     holdout: float = 0.2  # share of recognition samples kept out to pick the best epoch
     max_answer_tokens: int = 48  # length of the base model's attribute answers
     seed: int = 0
+    # where the k latent rows start: "mean" (near the mean base row, the paper's), or "photos"
+    # (the image tokens that recur across the subject's training photos: the subject itself)
+    init: Literal["mean", "photos"] = "mean"
 
     def __post_init__(self) -> None:
         for name in ("num_latent", "epochs", "batch_size", "positive_questions"):
@@ -59,6 +62,8 @@ class RecipeConfig:
             raise ValueError(f"near_duplicate={self.near_duplicate} must be in (0, 1]")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
+        if self.init not in ("mean", "photos"):
+            raise ValueError(f"init={self.init!r} must be 'mean' or 'photos'")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RecipeConfig":

@@ -69,8 +69,10 @@ class ConceptBank(nn.Module):
         self.seed = seed
         self._init = stats
 
-    def add(self, name: str, num_latent: int, rows: ConceptRows | None = None) -> None:
-        """A new subject: from `rows` (resume) or near the mean base row, seeded by name."""
+    def add(self, name: str, num_latent: int, rows: ConceptRows | None = None,
+            latents: Tensor | None = None) -> None:
+        """A new subject: from `rows` (resume), or near the mean base row, seeded by name, with
+        the latent input rows taken from `latents` (k, d) when given."""
         tokens = ConceptTokens(name, num_latent)
         if rows is None:
             g = torch.Generator().manual_seed(_stable_seed(f"{self.seed}:{name}"))
@@ -78,6 +80,11 @@ class ConceptBank(nn.Module):
             n, d = tokens.num_tokens, mu_e.shape[0]
             embed = mu_e + 0.1 * sd_e * torch.randn(n, d, generator=g)
             head = mu_h + 0.1 * sd_h * torch.randn(n, d, generator=g)
+            if latents is not None:
+                if tuple(latents.shape) != (num_latent, d):
+                    raise ValueError(f"latents for {name!r} have shape {tuple(latents.shape)}; "
+                                     f"expected ({num_latent}, {d})")
+                embed[1:] = latents.detach().float().to(embed.device)
         else:
             embed, head = rows.embed.detach().float(), rows.head.detach().float()
         dev = self._init[0].device
@@ -241,7 +248,7 @@ class PackedTrainer:
         bank = bank or ConceptBank(self.backbone, seed=cfg.seed)
         for ts in sets:
             if ts.subject not in bank.tokens:
-                bank.add(ts.subject, cfg.num_latent)
+                bank.add(ts.subject, cfg.num_latent, latents=self._initial_latents(ts))
         opt = torch.optim.AdamW(bank.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         items = {ts.subject: [self._item(s) for s in ts.train] for ts in sets}
         best: dict[str, SubjectResult] = {}
@@ -264,6 +271,17 @@ class PackedTrainer:
                 on_epoch(epoch, report)
         bar.close()
         return best
+
+    def _initial_latents(self, ts: TrainingSet) -> Tensor | None:
+        """recipe.init == "photos": the subject's recurring image tokens, one per training photo in turn."""
+        if self.config.init != "photos":
+            return None
+        refs = list(dict.fromkeys(PhotoRef(s.photo.key) for s in ts.train + ts.holdout
+                                  if s.kind == "positive" and s.photo is not None))
+        if not refs:
+            raise ValueError(f"init='photos' needs training photos; subject {ts.subject!r} has none")
+        tokens = recurring_tokens(self.features.get(refs).float())  # (P, d)
+        return tokens[torch.arange(self.config.num_latent) % len(refs)]  # (k, d)
 
     def _item(self, s: Sample) -> _Item:
         return _Item(s, self.encoder.encode(s.messages, [ConceptTokens(s.subject, self.config.num_latent)]))
@@ -309,6 +327,23 @@ class PackedTrainer:
         accs = list(out.values())
         out["weighted"] = sum(accs) / len(accs)
         return out
+
+
+def recurring_tokens(features: Tensor) -> Tensor:
+    """The image token of each photo that recurs across the others: (P, n_img, d) -> (P, d).
+
+    A subject appears in every training photo, its surroundings change: the token
+    whose best match in each other photo is closest (mean over photos of the max
+    cosine) is the subject's. With one photo, its mean token.
+    """
+    P = features.shape[0]
+    if P == 1:
+        return features.mean(1)
+    unit = torch.nn.functional.normalize(features, dim=-1)  # (P, n, d)
+    sims = torch.einsum("pid,qjd->pqij", unit, unit).amax(-1)  # (P, P, n): best match of p's token i in q
+    sims = sims.masked_fill(torch.eye(P, dtype=torch.bool).unsqueeze(-1), 0).sum(1) / (P - 1)  # (P, n)
+    best = sims.argmax(-1)  # (P,)
+    return features[torch.arange(P), best]
 
 
 def _answer_tokens(items: Sequence[_Item]) -> dict[str, int]:
