@@ -19,11 +19,21 @@ from yollava.recipe import RecipeConfig, TrainingSet
 from yollava.tokens import ConceptTokens
 
 
-def train_official(backbone, ts: TrainingSet, config: RecipeConfig, load_image) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train one subject the official way; returns its (embed, head) rows, (k+1, d) each."""
+def train_official(backbone, ts: TrainingSet, config: RecipeConfig, load_image,
+                   init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train one subject the official way; returns its (embed, head) rows, (k+1, d) each.
+
+    `init`: the new rows' starting values (else whatever `resize_token_embeddings` gives).
+    Samples are shuffled per epoch with the packed trainer's seeding, so that both
+    loops see the same order and can be compared row for row.
+    """
     model = copy.deepcopy(backbone.model)
     V, n = backbone.vocab_size, config.num_latent + 1
     model.resize_token_embeddings(V + n, mean_resizing=False)  # the new ids are V..V+k, as virtual ids
+    if init is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[V:] = init[0]
+            model.get_output_embeddings().weight[V:] = init[1]
     model.requires_grad_(False)
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     embed.requires_grad_(True)
@@ -35,9 +45,9 @@ def train_official(backbone, ts: TrainingSet, config: RecipeConfig, load_image) 
     encoder = PromptEncoder.for_backbone(backbone)
     dev = backbone.device
     tokens = [ConceptTokens(ts.subject, config.num_latent)]
-    samples = ts.train[:]
-    for epoch in range(config.epochs):
-        random.Random(f"{config.seed}:{epoch}").shuffle(samples)
+    for epoch in range(1, config.epochs + 1):
+        samples = ts.train[:]
+        random.Random(f"{config.seed}:{ts.subject}:{epoch}").shuffle(samples)
         for s in samples:
             enc = encoder.encode(s.messages, tokens)
             ids = torch.tensor([enc.ids], device=dev)

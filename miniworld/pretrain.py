@@ -15,6 +15,8 @@ Everything trains: vision tower, projector, language model. Three losses:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import logging
 import math
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 
 from miniworld import world
 from miniworld.model import WEIGHTS, build_mini_llava, save_mini
-from miniworld.tasks import NUM_NAMES, MAKERS, STAGES, Task, mix_at, sample_task
+from miniworld.tasks import NUM_NAMES, MAKERS, STAGES, STAGES_NOTCH, Task, mix_at, sample_task
 from yollava.backbone import Backbone
 from yollava.concept_model import ConceptLM, ConceptRows
 from yollava.prompt import IGNORE_INDEX, PromptEncoder
@@ -59,7 +61,18 @@ class MiniPretrainer(nn.Module):
         self.notch = nn.Parameter(torch.randn(len(world.NOTCHES), d, generator=g) * 0.02)
         self.heads = nn.ModuleDict({k: nn.Linear(dv, len(v) + 1) for k, v in HEADS.items()})  # +1: empty
         self.word = {w: tok.convert_tokens_to_ids(w) for w in
-                     [*world.SHAPES, *world.COLOURS, *world.PATTERNS, "empty"]}
+                     [*world.SHAPES, *world.COLOURS, *world.PATTERNS, "empty", "a", "object"]}
+        # hidden rows: one per notch corner, frozen, distinct, at word-embedding scale; no string reaches them
+        self.register_buffer("hidden_rows", self._make_hidden_rows(seed))
+        self.lm_heads = nn.ModuleDict({k: nn.Linear(d, len(v) + 1) for k, v in HEADS.items()})  # middle-layer readouts
+        self.readout_layer = model.config.text_config.num_hidden_layers // 2
+        self.use_hidden = True
+
+    def _make_hidden_rows(self, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed + 7)
+        E = self.backbone.embed_tokens.weight.detach()
+        q, _ = torch.linalg.qr(torch.randn(E.shape[1], len(world.NOTCHES), generator=g))  # (d, 4) orthonormal
+        return (q.T * E.norm(dim=1).mean()).contiguous()  # (4, d)
 
     # -- vision ------------------------------------------------------------------------
     def encode_images(self, scenes: list[world.Scene]):
@@ -85,9 +98,13 @@ class MiniPretrainer(nn.Module):
                 if o is None:
                     rows.append(E[self.word["empty"]])
                 else:
-                    rows.append(E[self.word[o.shape]] + E[self.word[o.colour]] + E[self.word[o.pattern]]
-                                + self.notch[o.notch])
+                    rows.append(self._object_row(o))
         return torch.stack(rows).view(len(scenes), world.GRID * world.GRID, -1)
+
+    def _object_row(self, o) -> torch.Tensor:
+        E = self.backbone.embed_tokens.weight.detach()
+        notch = self.hidden_rows[o.notch] if self.use_hidden else self.notch[o.notch]
+        return E[self.word[o.shape]] + E[self.word[o.colour]] + E[self.word[o.pattern]] + notch
 
     # -- one batch ---------------------------------------------------------------------
     def loss(self, tasks: list[Task]) -> dict[str, torch.Tensor]:
@@ -105,16 +122,70 @@ class MiniPretrainer(nn.Module):
             rows.append(concepts)
             encs.append(self.enc.encode(t.messages, [c.tokens for c in concepts]))
         feats = tokens[:len(scenes)] if scenes else None
-        logp = score_rows(self.lm, encs, rows, feats)  # (B,) summed answer log-probs
-        n_tokens = sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in encs)
-        return {"lm": -logp.sum() / n_tokens, "aux": aux, "align": align}
+        with self._capture_middle() as mid:
+            logp = score_rows(self.lm, encs, rows, feats)  # (B,) summed answer log-probs
+        # each question weighs the same: a long caption does not drown a yes/no decision
+        n_tokens = torch.tensor([sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in encs])
+        lm = -(logp / n_tokens.clamp(min=1)).mean()
+        readout = self._readout_loss(mid[0], tasks, encs)
+        return {"lm": lm, "aux": aux, "align": align, "readout": readout}
+
+    @contextlib.contextmanager
+    def _capture_middle(self):
+        """The output of the language model's middle layer during one forward: (B, T, d)."""
+        got: list[torch.Tensor] = []
+        layer = self.backbone.language_model.layers[self.readout_layer - 1]
+        handle = layer.register_forward_hook(lambda _m, _i, out: got.append(out[0] if isinstance(out, tuple)
+                                                                              else out))
+        try:
+            yield got
+        finally:
+            handle.remove()
+
+    def _readout_loss(self, mid: torch.Tensor, tasks: list[Task], encs) -> torch.Tensor:
+        """Linear heads on a middle layer: each image token's cell, and each definition's object
+        (at its last latent), shape / colour / pattern / notch (empty for an empty cell)."""
+        feats, targets = [], []
+        for b, (t, e) in enumerate(zip(tasks, encs)):
+            if t.scene is not None:  # right-padded rows: positions as encoded
+                feats.append(mid[b, :len(e)][torch.tensor(e.image_mask, dtype=torch.bool)])  # (9, d)
+                targets += list(t.scene.cells)
+        for b, (t, e) in enumerate(zip(tasks, encs)):
+            d = t.definition
+            if d is None or d.obj is None or not e.concepts:
+                continue
+            last = max(i for i, tok in enumerate(e.ids) if tok >= self.lm.V)  # the last latent of the definition
+            feats.append(mid[b, last].unsqueeze(0))
+            targets.append(d.obj)
+        if not feats:
+            return torch.zeros(())
+        f = torch.cat(feats)
+        loss = 0.0
+        for key, values in HEADS.items():
+            y = torch.tensor([len(values) if o is None else list(values).index(getattr(o, key)) for o in targets])
+            loss = loss + F.cross_entropy(self.lm_heads[key](f), y)
+        return loss
 
     def _rows(self, d, ex_tokens) -> ConceptRows:
-        if d.words is not None:
+        E = self.backbone.embed_tokens.weight
+        if d.form == "sum":
+            latents = self._object_row(d.obj).unsqueeze(0)  # (1, d)
+        elif d.words is not None:
             ids = self.enc.text_ids(d.words)
             latents = self.backbone.embed_tokens(torch.tensor(ids))  # (m, d)
+            if d.form == "hidden":
+                latents = torch.cat([latents, self.hidden_rows[d.obj.notch:d.obj.notch + 1]])
         else:
             latents = torch.stack([next(ex_tokens) for _ in d.examples])  # (m, d)
+        g = torch.Generator().manual_seed(d.draw)
+        if d.noise:  # (m, d) gaussian, d.noise of the rows' mean length
+            scale = d.noise * latents.detach().norm(dim=-1).mean() / latents.shape[-1] ** 0.5
+            latents = latents + scale * torch.randn(latents.shape, generator=g)
+        if d.fillers:  # rows drawn like personalization's start, carrying nothing; the real ones among them
+            Ed = E.detach()
+            fill = Ed.mean(0) + 0.1 * Ed.std(0).mean() * torch.randn(d.fillers, Ed.shape[1], generator=g)
+            at = int(torch.randint(d.fillers + 1, (1,), generator=g))
+            latents = torch.cat([fill[:at], latents, fill[at:]])
         embed = torch.cat([self.name_embed[d.name:d.name + 1], latents])
         head = torch.cat([self.name_head[d.name:d.name + 1], torch.zeros_like(latents)])
         return ConceptRows(ConceptTokens(f"n{d.name}", latents.shape[0]), embed, head)
@@ -150,39 +221,68 @@ class MiniPretrainer(nn.Module):
 
 
 PROBES = ("single_check", "existence", "attribute", "counting", "naming_words", "naming_text",
-          "naming_example", "naming_notch", "naming_easy", "blind_choice")
+          "naming_example", "naming_notch", "naming_easy", "blind_choice", "twin_one_hidden", "twin_one_example",
+          "twin_hidden", "twin_sum", "soft_easy", "notch_check")
+probe_small = 60
 
 
 EXTRAS = "pretrain-extras.safetensors"
 
 
+def with_hidden_rows(pt: MiniPretrainer) -> LlavaForConditionalGeneration:
+    """The model to ship: the notch's hidden rows appended as input rows no tokenizer string reaches
+    (ids len(tokenizer)..+3; their output rows are zero and decoding never emits them)."""
+    model = copy.deepcopy(pt.model)
+    V, n = len(pt.backbone.tokenizer), pt.hidden_rows.shape[0]
+    model.resize_token_embeddings(V + n, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[V:] = pt.hidden_rows
+        model.get_output_embeddings().weight[V:] = 0
+    return model
+
+
 def save(pt: MiniPretrainer, out: Path, result: dict) -> None:
-    """The LLaVA weights (HF layout) and, apart, what only the probes need (placeholder names, heads)."""
-    save_mini(pt.model, out)
+    """The LLaVA weights (HF layout, hidden rows included) and, apart, what only the probes need
+    (placeholder-name rows, the vision and readout heads, the hidden rows again)."""
+    save_mini(with_hidden_rows(pt), out)
     extras = {k: v.detach().contiguous() for k, v in pt.state_dict().items() if not k.startswith("model.")
               and not k.startswith("backbone.") and not k.startswith("lm.")}
     save_file(extras, str(out / EXTRAS))
     (out / "pretrain.json").write_text(json.dumps(result, indent=2))
 
 
-def load_pretrainer(folder: Path = WEIGHTS) -> MiniPretrainer:
-    """A pretrainer holding saved weights: to re-run the card's probes."""
+def load_pretrainer(folder: Path = WEIGHTS, strict: bool = True) -> MiniPretrainer:
+    """A pretrainer holding saved weights: to re-run the card's probes (or warm-start)."""
     pt = MiniPretrainer()
-    pt.model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(folder).state_dict())
+    state = LlavaForConditionalGeneration.from_pretrained(folder).state_dict()
+    V = len(pt.backbone.tokenizer)
+    hidden = state["model.language_model.embed_tokens.weight"][V:]  # (4, d), or none in an older base
+    for k in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        state[k] = state[k][:V]  # the pretrainer keeps the hidden rows apart (a frozen buffer)
+    pt.model.load_state_dict(state)
     missing, unexpected = pt.load_state_dict(load_file(str(folder / EXTRAS)), strict=False)
-    if unexpected or any(not (k.startswith(("model.", "backbone.", "lm."))) for k in missing):
-        raise ValueError(f"{folder / EXTRAS}: unexpected {unexpected}, missing {missing}")
+    bad = [k for k in missing if not k.startswith(("model.", "backbone.", "lm."))]
+    if strict and (unexpected or bad):
+        raise ValueError(f"{folder / EXTRAS}: unexpected {unexpected}, missing {bad}")
+    if bad:
+        log.info("warm start: new %s", bad)
+    if len(hidden) and not torch.equal(hidden, pt.hidden_rows):
+        raise ValueError(f"{folder}: the model's hidden rows differ from those in {EXTRAS}")
     return pt
 
 
 def train(steps: int, batch: int, lr: float, seed: int, out: Path | None, probe_every: int,
-          ramp: float = 0.4, probe_n: int = 400, gated: bool = False, stop_at: int | None = None) -> dict:
+          ramp: float = 0.4, probe_n: int = 400, gated: bool = False, stop_at: int | None = None,
+          init: Path | None = None, curriculum: str = "base", warmup: int = 200) -> dict:
     """`steps` optimizer steps of `batch` tasks; reproducible: the schedule depends on the step,
     and with `gated` on deterministic probes (each stage of `STAGES` until its probe passes).
     `stop_at` ends the run after that step of the `steps`-long schedule."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    pt = MiniPretrainer(seed)
+    pt = load_pretrainer(init, strict=False) if init else MiniPretrainer(seed)
+    pt.model.requires_grad_(True)
+    pt.model.train()
+    stages = STAGES_NOTCH if curriculum == "notch" else STAGES
     opt = torch.optim.AdamW(pt.parameters(), lr=lr, weight_decay=0.01)
     history: list[dict] = []
     last = min(stop_at or steps, steps)
@@ -193,21 +293,21 @@ def train(steps: int, batch: int, lr: float, seed: int, out: Path | None, probe_
     for step in tqdm(range(1, last + 1), desc="pretraining", unit="step", mininterval=10):
         frac = step / steps
         for g in opt.param_groups:  # warm-up, then cosine to a tenth
-            g["lr"] = lr * min(1.0, step / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        mix = STAGES[stage][0] if gated else mix_at(frac, ramp)
+            g["lr"] = lr * min(1.0, step / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        mix = stages[stage][0] if gated else mix_at(frac, ramp)
         tasks = [sample_task(rng, mix) for _ in range(batch)]
         losses = pt.loss(tasks)
-        total = losses["lm"] + losses["aux"] + losses["align"]
+        total = losses["lm"] + losses["aux"] + losses["align"] + 0.5 * losses["readout"]
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(pt.parameters(), 1.0)
         opt.step()
         if probe_every and step % probe_every == 0:
-            acc = pt.probe(PROBES, n=60)
+            acc = pt.probe(PROBES, n=probe_small)
             history.append({"step": step, "minutes": round((time.time() - t0) / 60, 1), **acc,
                             **{k: round(float(v.detach()), 4) for k, v in losses.items()}})
             log.info("step %d %s", step, history[-1])
-            gate = STAGES[stage][1:] if gated else (None, None)
+            gate = stages[stage][1:] if gated else (None, None)
             if gate[0] is not None and acc[gate[0]] >= gate[1]:
                 stage += 1
                 result["stages"].append(step)
@@ -334,6 +434,10 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-every", type=int, default=500)
     ap.add_argument("--out", default=str(WEIGHTS))
     ap.add_argument("--card", action="store_true", help="only rewrite OUT/README.md from OUT/pretrain.json")
+    ap.add_argument("--init", default=None, help="warm-start from this saved folder")
+    ap.add_argument("--curriculum", default="base", choices=["base", "notch"])
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--probe-n", type=int, default=400)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.card:
@@ -341,7 +445,8 @@ def main(argv=None) -> int:
         (out / "README.md").write_text(card(json.loads((out / "pretrain.json").read_text())))
         return 0
     result = train(args.steps, args.batch, args.lr, args.seed, Path(args.out) if args.out else None,
-                   args.probe_every, args.ramp, gated=args.gated, stop_at=args.stop_at)
+                   args.probe_every, args.ramp, probe_n=args.probe_n, gated=args.gated, stop_at=args.stop_at,
+                   init=Path(args.init) if args.init else None, curriculum=args.curriculum, warmup=args.warmup)
     print(json.dumps(result["probe"]))
     return 0
 

@@ -28,6 +28,12 @@ class Definition:
     name: int  # placeholder name index: `<n{name}>`
     words: str | None = None  # definition by description
     examples: list[tuple[Scene, int]] = field(default_factory=list)  # (scene, cell) definitions by example
+    obj: Obj | None = None  # the object defined (for latent forms built from it)
+    form: str = ""  # "" (words or examples as above), "hidden" (words + the notch's hidden row), "sum" (one row:
+    #                 attribute words summed + hidden row, like an image token)
+    fillers: int = 0  # extra latent rows near the mean word (what personalization starts from), carrying nothing
+    noise: float = 0.0  # relative gaussian noise on the informative rows
+    draw: int = 0  # seed of the noise and the fillers (so a task is the same wherever it is built)
 
 
 @dataclass
@@ -132,6 +138,62 @@ def _definition(rng: random.Random, o: Obj, by_example: bool) -> Definition:
         s = world.random_scene(rng, must=[o])
         examples.append((s, s.cells.index(o)))
     return Definition(name, examples=examples)
+
+
+def _soft_definition(rng: random.Random, o: Obj, forms=("hidden", "sum", "example")) -> Definition:
+    """A definition the words cannot give: the notch's hidden row, summed rows or examples, with fillers."""
+    form = rng.choice(forms)
+    name = rng.randrange(NUM_NAMES)
+    fillers = rng.choice([0, 0, 1, 3, 6, 12])
+    noise = rng.choice([0.0, 0.0, 0.1, 0.3])
+    if form == "example":
+        d = _definition(rng, o, by_example=True)
+        d.fillers, d.noise, d.obj, d.draw = fillers, noise, o, rng.randrange(2**31)
+        return d
+    return Definition(name, words=in_words(o) if form == "hidden" else None, obj=o, form=form, fillers=fillers,
+                      noise=noise, draw=rng.randrange(2**31))
+
+
+def notch_check(rng: random.Random) -> Task:
+    """`<n> is a object <hidden row of one corner>.` and a one-object photo: yes iff its notch is that corner.
+    The notch's single comparison, as `single_check` is for words."""
+    o = rng.choice(world.ALL_OBJECTS)
+    scene = world.random_scene(rng, must=[o], n_objects=(1, 1))
+    yes = rng.random() < 0.5
+    corner = o.notch if yes else rng.choice([n for n in world.NOTCHES if n != o.notch])
+    d = Definition(rng.randrange(NUM_NAMES), words="a object", obj=Obj(o.shape, o.colour, o.pattern, corner),
+                   form="hidden")
+    c = f"<n{d.name}>"
+    q = rng.choice(QUESTIONS).format(c=c)
+    a = rng.choice(templates.YES_ANSWERS if yes else templates.NO_ANSWERS).format(c=c)
+    return Task("notch_check", scene, [Message("user", q, 1), Message("assistant", a.lower())], d,
+                candidates=["yes", "no"], correct=0 if yes else 1)
+
+
+def naming_soft(rng: random.Random, one_object: bool = False, twin_share: float = 0.5,
+                forms=("hidden", "sum", "example"), kind: str = "naming_soft") -> Task:
+    """`<n> is <soft latents>.` (words + hidden notch row, a summed row, or examples; fillers; noise),
+    then recognition; half yes; of the "no", `twin_share` the same object but for the notch."""
+    o = rng.choice(world.ALL_OBJECTS)
+    d = _soft_definition(rng, o, forms)
+    c = f"<n{d.name}>"
+    n_obj = (1, 1) if one_object else (1, 4)
+    variants = o.variants()
+    if rng.random() < 0.5:
+        scene, yes = world.random_scene(rng, must=[o], avoid=set(variants["notch"]), n_objects=n_obj), True
+    else:
+        r = rng.random()
+        if r < twin_share:
+            other = rng.choice(variants["notch"])
+        elif r < twin_share + (1 - twin_share) / 2:
+            other = rng.choice(variants[rng.choice(["shape", "colour", "pattern"])])
+        else:
+            other = rng.choice([x for x in world.ALL_OBJECTS if x != o])
+        scene, yes = world.random_scene(rng, must=[other], avoid={o}, n_objects=n_obj), False
+    q = rng.choice(QUESTIONS).format(c=c)
+    a = rng.choice(templates.YES_ANSWERS if yes else templates.NO_ANSWERS).format(c=c)
+    return Task(kind, scene, [Message("user", q, 1), Message("assistant", a.lower())], d,
+                candidates=["yes", "no"], correct=0 if yes else 1)
 
 
 def naming(rng: random.Random, by_example: bool, hard_share: float = 0.5, negative: str | None = None) -> Task:
@@ -269,7 +331,27 @@ MAKERS = {"existence": existence, "attribute": attribute, "counting": counting, 
           "naming_text": naming_text, "blind_choice": blind_choice,
           "single_attribute": single_attribute, "single_check": single_check, "position": position,
           "naming_notch": lambda r: naming(r, True, negative="notch"),
-          "naming_easy": lambda r: naming(r, True, negative="easy")}
+          "naming_easy": lambda r: naming(r, True, negative="easy"),
+          "naming_soft": naming_soft,
+          "notch_check": notch_check,
+          "twin_one_words": lambda r: naming_soft(r, True, 1.0, ("hidden",), "twin_one_words"),
+          "notch_one": lambda r: naming_soft(r, one_object=True, twin_share=0.8, kind="notch_one"),
+          # probes: every "no" a twin
+          "twin_one_hidden": lambda r: naming_soft(r, True, 1.0, ("hidden",), "twin_one_hidden"),
+          "twin_one_example": lambda r: naming_soft(r, True, 1.0, ("example",), "twin_one_example"),
+          "twin_hidden": lambda r: naming_soft(r, False, 1.0, ("hidden",), "twin_hidden"),
+          "twin_sum": lambda r: naming_soft(r, False, 1.0, ("sum",), "twin_sum"),
+          "soft_easy": lambda r: naming_soft(r, False, 0.0, ("hidden", "sum"), "soft_easy")}
+
+
+# the notch curriculum (warm start): one-object notch naming first, then everything with soft names
+MIX_SOFT = {**MIX, "naming_soft": 4, "notch_one": 1.5, "notch_check": 0.5}
+STAGES_NOTCH = [
+    ({**{k: v * 0.25 for k, v in MIX.items()}, "notch_check": 8, "notch_one": 3}, "notch_check", 0.9),
+    ({**{k: v * 0.35 for k, v in MIX.items()}, "notch_check": 2, "notch_one": 6, "naming_soft": 2},
+     "twin_one_hidden", 0.85),
+    (MIX_SOFT, None, None),
+]
 
 
 # the gated curriculum: each stage's mix until its probe reaches the bar, then the next
