@@ -284,3 +284,56 @@ def test_dev_script_refuses_the_sample_subjects_and_types_overrides():
     assert (r.lr, r.epochs, r.flip) == (0.01, 3, False)
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         dev.override(MINI_RECIPE, ["learning_rate=1"])
+
+
+def test_hidden_rows_are_frozen_distinct_word_scale_and_unreachable(tmp_path):
+    """The notch's latent rows: a frozen buffer (no optimiser step moves them), orthogonal, at the words'
+    scale; shipped as embedding rows after the tokenizer's last id, which no string encodes to."""
+    import torch
+
+    from miniworld.pretrain import MiniPretrainer, load_pretrainer, save
+
+    pt = MiniPretrainer(seed=0)
+    H = pt.hidden_rows.clone()
+    assert not any(p is pt.hidden_rows for p in pt.parameters())
+    gram = H @ H.T  # (4, 4)
+    assert torch.allclose(gram - torch.diag(gram.diag()), torch.zeros(4, 4), atol=1e-5)
+    words = pt.backbone.embed_tokens.weight.detach().norm(dim=-1).mean()
+    assert torch.allclose(H.norm(dim=-1), words.expand(4), rtol=1e-4)
+    opt = torch.optim.AdamW(pt.parameters(), lr=1e-2)
+    loss = pt.loss([tasks.notch_check(random.Random(i)) for i in range(4)])
+    sum(loss.values()).backward()
+    opt.step()
+    assert torch.equal(pt.hidden_rows, H)
+    save(pt, tmp_path, {"probe": {}})
+    bb = load_backbone(str(tmp_path))
+    V = len(bb.tokenizer)
+    assert bb.vocab_size == V + 4 and torch.equal(bb.embed_tokens.weight[V:], H)
+    assert not bb.lm_head.weight[V:].any()
+    assert max(bb.tokenizer.get_vocab().values()) < V  # no string reaches them
+    assert torch.equal(load_pretrainer(tmp_path).hidden_rows, H)
+
+
+def test_soft_definitions_are_the_same_wherever_built():
+    """Fillers and noise are drawn from the task's own seed: a probe is the same question every time."""
+    import torch
+
+    from miniworld.pretrain import MiniPretrainer
+
+    pt = MiniPretrainer(seed=0)
+    built = 0
+    for i in range(40):
+        a, b = (tasks.naming_soft(random.Random(i), forms=("hidden", "sum")) for _ in range(2))
+        ra, rb = pt._rows(a.definition, iter([])), pt._rows(b.definition, iter([]))
+        assert torch.equal(ra.embed, rb.embed)
+        built += bool(a.definition.fillers or a.definition.noise)
+    assert built > 10  # the random parts were exercised
+
+
+def test_notch_check_answers_truthfully():
+    rng = random.Random(3)
+    for _ in range(200):
+        t = tasks.notch_check(rng)
+        (o,) = t.scene.objects()
+        assert t.definition.form == "hidden" and t.definition.words == "a object"
+        assert (t.definition.obj.notch == o.notch) == (t.correct == 0)
