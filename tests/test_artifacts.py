@@ -35,7 +35,8 @@ def test_manifest_fields(saved):
     _, path = saved
     m = json.loads((path / MANIFEST_FILE).read_text())
     assert set(m) == {"format_version", "owner", "name", "version", "tokens", "base_model", "base_fingerprint",
-                      "recipe", "metrics", "created", "shape", "tensors_sha256", "manifest_sha256"}
+                      "recipe", "metrics", "created", "shape", "tensors_sha256", "manifest_sha256", "source"}
+    assert m["source"] == {}  # trained here; an imported concept names its files (tests/test_official.py)
     assert m["tokens"][:2] == ["<bo>", "<bo_1>"] and len(m["tokens"]) == 5
     assert set(load_file(path / TENSORS_FILE)) == {"embed", "head"}
 
@@ -86,3 +87,27 @@ def test_bad_owner_refused_on_save(tiny, tmp_path):
     art = ConceptArtifact("../etc", random_rows(tiny, "bo"), "tiny", tiny.fingerprint)
     with pytest.raises(ValueError, match="owner='../etc'"):
         save_concept(tmp_path / "x", art)
+
+
+def test_manifest_without_source_still_loads(tiny, saved):
+    """Manifests written before the `source` field load, with source {}; a wrong type is refused."""
+    from yollava.artifacts import _manifest_digest
+
+    _, path = saved
+    m = json.loads((path / MANIFEST_FILE).read_text())
+    del m["source"]
+    m["manifest_sha256"] = _manifest_digest(m)
+    (path / MANIFEST_FILE).write_text(json.dumps(m))
+    back = load_concept(path, expect_fingerprint=tiny.fingerprint)
+    assert back.source == {} and back.owner == "alice"
+    m["source"] = "github"
+    m["manifest_sha256"] = _manifest_digest(m)
+    (path / MANIFEST_FILE).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="source='github' must be an object"):
+        load_concept(path)
+
+
+def test_source_round_trips(tiny, tmp_path):
+    src = {"format": "yollava-official", "token_file": "3-token.pt", "token_sha256": "ab" * 32}
+    art = ConceptArtifact("alice", random_rows(tiny, "bo", k=2), "tiny", tiny.fingerprint, source=src)
+    assert load_concept(save_concept(tmp_path / "bo", art)).source == src

@@ -46,6 +46,9 @@ class ConceptArtifact:
     recipe: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     created: str = ""
+    # where the rows came from when not trained here (e.g. the official format's files and their
+    # sha256); {} for a concept trained by this code. Optional in a manifest: older ones have none.
+    source: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -56,6 +59,8 @@ class ConceptArtifact:
         check_name(self.owner, "owner")
         if self.version < 1:
             raise ArtifactError(f"version={self.version} must be >= 1")
+        if not isinstance(self.source, dict):
+            raise ArtifactError(f"source={self.source!r} must be a dict")
         embed = self.rows.embed.detach().to("cpu", torch.float32).contiguous()
         head = self.rows.head.detach().to("cpu", torch.float32).contiguous()
         tensors = st_save({"embed": embed, "head": head})
@@ -70,6 +75,7 @@ class ConceptArtifact:
             "recipe": self.recipe,
             "metrics": self.metrics,
             "created": self.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": self.source,
             "shape": list(embed.shape),
             "tensors_sha256": _tensor_digest(embed, head),
         }
@@ -103,7 +109,7 @@ class ConceptArtifact:
                                 f"name and shape")
         rows = ConceptRows(tokens, t["embed"], t["head"])
         return cls(m["owner"], rows, m["base_model"], m["base_fingerprint"], m["version"],
-                   m["recipe"], m["metrics"], m["created"])
+                   m["recipe"], m["metrics"], m["created"], m.get("source", {}))
 
 
 def save_concept(directory: str | os.PathLike, artifact: ConceptArtifact) -> Path:
@@ -185,4 +191,6 @@ def _parse_manifest(raw: bytes) -> dict:
         raise ArtifactError(f"manifest shape={shape!r} must be [k+1, d] with k >= 1")
     if not isinstance(m["version"], int) or m["version"] < 1:
         raise ArtifactError(f"manifest version={m['version']!r} must be a positive integer")
+    if not isinstance(m.get("source", {}), dict):
+        raise ArtifactError(f"manifest source={m['source']!r} must be an object")
     return m

@@ -1,7 +1,10 @@
-"""LLaVA-1.5-7B/13B-shaped training and serving figures on one GPU, random weights.
+"""LLaVA-1.5-7B/13B-shaped training and serving figures on one GPU, random weights, the real vocabulary.
 
 Random weights are fine for timing and never for accuracy: nothing here
-reports accuracy. Training: the packed trainer against the faithful
+reports accuracy. The models come from `yollava.checkpoints` (the same
+builder as the tests' LLaVA-1.5 checkpoint): the real Llama 2 tokenizer with
+`<image>` and `<pad>`, 32,064 embedding and head rows, 576 image tokens per
+photo at 336 px. Training: the packed trainer against the faithful
 re-implementation of the official loop (bench/official_loop.py), same
 samples, at pack sizes 1, 8, 32; seconds per subject for the paper's recipe
 (5 photos, 200 negatives, ~40 text conversations, 15 epochs) are extrapolated
@@ -15,72 +18,29 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from bench.official_loop import train_official
 from yollava.backbone import Backbone
+from yollava.checkpoints import SHAPES, LlavaShape as Shape, build_llava15_backbone
 from yollava.concept_model import ConceptRows
 from yollava.generate import GenerationRequest, Generator, SamplingParams
 from yollava.prompt import Message, PromptEncoder
 from yollava.recipe import RecipeConfig, build_training_set
-from yollava.tiny import build_tiny_image_processor, build_tiny_tokenizer
 from yollava.tokens import ConceptTokens
 from yollava.trainer import PackedTrainer
 
 PAPER = {"photos": 5, "negatives": 200, "text": 40, "epochs": 15}
+REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "tests" / "data" / "llama2-tokenizer" / "llava-1.5"
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    vision_hidden: int
-    vision_layers: int
-    vision_heads: int
-    image_size: int
-    patch: int
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
-    vocab: int = 32064
-
-
-SHAPES = {
-    "7b": Shape("llava-1.5-7b", 1024, 24, 16, 336, 14, 4096, 32, 32, 11008),
-    "13b": Shape("llava-1.5-13b", 1024, 24, 16, 336, 14, 5120, 40, 40, 13824),
-    "small": Shape("small", 64, 2, 2, 56, 14, 128, 2, 4, 256, 4096),
-}
-
-
-def build(shape: Shape, device: str, dtype: torch.dtype) -> Backbone:
-    tok = build_tiny_tokenizer()
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
-                                       num_hidden_layers=shape.vision_layers,
-                                       num_attention_heads=shape.vision_heads, image_size=shape.image_size,
-                                       patch_size=shape.patch, projection_dim=768),
-        text_config=LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                                intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
-                                num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
-                                max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
-                                tie_word_embeddings=False),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-        vision_feature_select_strategy="default", tie_word_embeddings=False)
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)  # random init directly on the device
-    finally:
-        torch.set_default_dtype(prev)
-    return Backbone(shape.name, model.eval(), tok, build_tiny_image_processor(shape.image_size))
+def build(shape: Shape, device: str, dtype: torch.dtype, tokenizer: str | Path = REAL_TOKENIZER) -> Backbone:
+    """Random weights made directly on the device (no host copy of a 13B model)."""
+    return build_llava15_backbone(shape, tokenizer, seed=0, device=device, dtype=dtype)
 
 
 def photos(n: int, size: int, seed: int) -> dict[str, Image.Image]:
@@ -223,6 +183,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--small", action="store_true", help="tiny shapes on the CPU (the test suite's run)")
     ap.add_argument("--models", default="7b,13b")
     ap.add_argument("--out", default="bench/gpu/results.json")
+    ap.add_argument("--tokenizer", default=str(REAL_TOKENIZER), help="the converted LLaVA-1.5 tokenizer folder")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -234,17 +195,21 @@ def main(argv=None) -> dict:
     for m in models:
         shape = SHAPES[m]
         t0 = time.perf_counter()
-        bb = build(shape, device, dtype)
+        bb = build(shape, device, dtype, args.tokenizer)
         built = time.perf_counter() - t0
+        vocab = {"rows": bb.vocab_size, "tokens": len(bb.tokenizer), "image_tokens": bb.num_image_tokens}
         train = bench_training(bb, shape, device, packs, steps=2 if args.small else 3,
                                official_steps=3 if args.small else 12, recipe=recipe)
         serve = bench_serving(bb, shape, device, batches, new_tokens=4 if args.small else 32)
-        result["models"][shape.name] = {"build_s": round(built, 1), "training": train, "serving": serve}
+        result["models"][m] = {"shape": shape.name, "vocab": vocab, "build_s": round(built, 1),
+                               "training": train, "serving": serve}
         del bb
         if device == "cuda":
             torch.cuda.empty_cache()
     for name, r in result["models"].items():
-        print(f"\n## {name} on {result['device']} ({result['dtype']}), built in {r['build_s']} s")
+        print(f"\n## {r['shape']} on {result['device']} ({result['dtype']}), built in {r['build_s']} s; "
+              f"vocabulary {r['vocab']['tokens']} tokens / {r['vocab']['rows']} rows, "
+              f"{r['vocab']['image_tokens']} image tokens per photo")
         print("\nTraining (seconds per subject extrapolated from measured steps, paper recipe):\n")
         print(table(r["training"]))
         print("\nServing (decode with per-row concepts vs HF generate without concepts):\n")
