@@ -8,8 +8,10 @@ key with a done-marker is not trained again.
 
 Layout under the store root (next to `concepts/`, which `store.py` owns)::
 
-    done/<owner>/<name>/<key>.json      the version a key produced (written after the manifest)
+    done/<owner>/<name>/<key>.json      the version a key produced (written after the manifest;
+                                        it counts only while that version exists with this key)
     indexes/<pool key>/index.faiss      negative-pool index, then ids.json (manifest last)
+    jobs/<job id>/job.json              the job id's claim (a reused id is refused)
     jobs/<job id>/summary.json          the job summary
     jobs/<job id>/subjects/<owner>/<name>.json   per-subject record (status, metrics, negatives used)
 """
@@ -33,6 +35,10 @@ def subject_key(owner: str, name: str, photo_sha256: Iterable[str], recipe: dict
 
 def done_key(owner: str, name: str, key: str) -> str:
     return f"done/{check_name(owner, 'owner')}/{check_name(name, 'name')}/{_hex(key)}.json"
+
+
+def done_prefix(owner: str, name: str) -> str:
+    return f"done/{check_name(owner, 'owner')}/{check_name(name, 'name')}"
 
 
 def index_prefix(pool_key: str) -> str:

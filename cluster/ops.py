@@ -1,15 +1,22 @@
 """Operating a running deployment.
 
     python -m cluster.ops status [--address auto] [--store URI]
-    python -m cluster.ops scale --gpus N [--cpus-per-gpu C] | --release
+    python -m cluster.ops scale --gpus N [--cpus-per-gpu C] | --release [--job JOB_ID]
     python -m cluster.ops concepts ls [--owner OWNER] --store URI
     python -m cluster.ops concepts rm OWNER/NAME [--version V] --store URI
+    python -m cluster.ops migrate --store URI
 
 `status` shows nodes and GPUs (total, free, used), the autoscaler request in
-force, personalization jobs (from the Ray Jobs API, and their progress from
-the store's job records) and the Serve applications with their replicas.
-`scale` asks the autoscaler for GPU bundles ahead of a batch (`--release`
-clears the request, so idle nodes can go).
+force and each job's share of it (`cluster.resources`), personalization jobs
+(from the Ray Jobs API, and their progress from the store's job records) and
+the Serve applications with their replicas. `scale --gpus` holds the
+operator's share of the autoscaler request ahead of a batch, next to the
+jobs' own shares; `--release` ends the operator's share and the shares of
+jobs whose driver has died (`--job ID`: that job's share, even if it lives),
+so idle nodes can go. `concepts rm OWNER/NAME` forgets the whole concept
+(grants, versions, done-markers, job records: `cluster.lifecycle`);
+`--version V` deletes that version only. `migrate` brings a store written
+before one-object-per-grant up to date (`cluster.shares.migrate_legacy`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ import ray
 from ray.exceptions import AuthenticationError, RayActorError
 from ray.job_submission import JobSubmissionClient
 
+from cluster import resources
+from cluster.lifecycle import forget_concept
+from cluster.shares import migrate_legacy
 from cluster.store import ArtifactStore, ConceptNotFound, open_store
 from yollava.tokens import check_name
 
@@ -61,17 +71,15 @@ def resource_request() -> list[dict]:
     return json.loads(raw) if raw else []
 
 
-def scale(gpus: int | None, cpus_per_gpu: int = 4, release: bool = False) -> list[dict]:
-    from ray.autoscaler.sdk import request_resources
-
+def scale(gpus: int | None, cpus_per_gpu: int = 4, release: bool = False, job: str | None = None) -> list[dict]:
+    """Hold the operator's share (`gpus` bundles) or release shares; returns the request now in force."""
     if release:
-        request_resources(num_cpus=0, bundles=[])
-        return []
+        resources.release(job)
+        return resources.sync()
     if gpus is None or gpus < 1:
         raise ValueError(f"--gpus={gpus!r} must be >= 1 (or use --release)")
-    bundles = [{"GPU": 1, "CPU": cpus_per_gpu}] * gpus
-    request_resources(bundles=bundles)
-    return bundles
+    resources.set_job_request(resources.OPERATOR, [{"GPU": 1, "CPU": cpus_per_gpu}] * gpus)
+    return resources.sync()
 
 
 def jobs(store: ArtifactStore | None) -> list[dict]:
@@ -118,8 +126,10 @@ def serve_status() -> list[dict]:
 
 
 def status(store: ArtifactStore | None) -> dict:
-    return {"cluster": nodes(), "autoscaler_request": resource_request(), "jobs": jobs(store),
-            "serve": serve_status()}
+    return {"cluster": nodes(), "autoscaler_request": resource_request(),
+            "autoscaler_shares": {h: {k: e[k] for k in ("bundles", "dead", "host", "pid", "at")}
+                                  for h, e in resources.shares().items()},
+            "jobs": jobs(store), "serve": serve_status()}
 
 
 def concepts_ls(store: ArtifactStore, owner: str | None) -> list[dict]:
@@ -128,16 +138,22 @@ def concepts_ls(store: ArtifactStore, owner: str | None) -> list[dict]:
     return [{"owner": r.owner, "name": r.name, "version": r.version} for r in store.list_concepts(owner)]
 
 
-def concepts_rm(store: ArtifactStore, ref: str, version: int | None) -> list[int]:
+def concepts_rm(store: ArtifactStore, ref: str, version: int | None) -> dict:
+    """Forget a whole concept (grants, versions, markers, records) or delete one version."""
     owner, sep, name = ref.partition("/")
     if not sep:
         raise ValueError(f"concept={ref!r} must be OWNER/NAME")
     check_name(owner, "owner")
     check_name(name, "name")
-    deleted = store.delete_concept(owner, name, version)
+    if version is None:
+        report = forget_concept(store, owner, name)
+        deleted = report["versions"]
+    else:
+        deleted = store.delete_concept(owner, name, version)
+        report = {"versions": deleted}
     if not deleted:
         raise ConceptNotFound(owner, name, version)
-    return deleted
+    return {"deleted": deleted, **{k: v for k, v in report.items() if k not in ("owner", "name", "versions")}}
 
 
 def _print(obj) -> None:
@@ -154,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--address", default=None)
     g = sc.add_mutually_exclusive_group(required=True)
     g.add_argument("--gpus", type=int)
-    g.add_argument("--release", action="store_true")
+    g.add_argument("--release", action="store_true",
+                   help="end the operator's share and those of jobs whose driver died")
+    sc.add_argument("--job", help="with --release: end this job's share (even if its driver lives)")
     sc.add_argument("--cpus-per-gpu", type=int, default=4)
     co = sub.add_parser("concepts", help="list or delete concepts in a store")
     co.add_argument("action", choices=["ls", "rm"])
@@ -162,8 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--owner")
     co.add_argument("--version", type=int)
     co.add_argument("--store", required=True)
+    mi = sub.add_parser("migrate", help="bring a store's layout up to date (share documents -> grants)")
+    mi.add_argument("--store", required=True)
     args = ap.parse_args(argv)
+    if args.cmd == "scale" and args.job and not args.release:
+        ap.error("--job goes with --release only")
     try:
+        if args.cmd == "migrate":
+            _print(migrate_legacy(open_store(args.store)))
+            return 0
         if args.cmd == "concepts":
             store = open_store(args.store)
             if args.action == "ls":
@@ -171,13 +196,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 if not args.ref:
                     ap.error("concepts rm needs OWNER/NAME")
-                _print({"deleted": concepts_rm(store, args.ref, args.version)})
+                _print(concepts_rm(store, args.ref, args.version))
             return 0
         connect(args.address)
         if args.cmd == "status":
             _print(status(open_store(args.store) if args.store else None))
         else:
-            _print({"requested": scale(args.gpus, args.cpus_per_gpu, args.release)})
+            _print({"requested": scale(args.gpus, args.cpus_per_gpu, args.release, args.job)})
         return 0
     except (ValueError, ConceptNotFound) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,18 +2,22 @@
 
     python -m cluster.personalize REQUEST [--store URI] [--model ID] [--workers N]
         [--gpus-per-worker G] [--cpus-per-worker C] [--pack-size P] [--deepspeed CONFIG]
-        [--force] [--job-id ID] [--max-pixels N] [--max-failures N] [--no-progress]
+        [--force] [--job-id ID] [--policy FILE|s3://...] [--max-pixels N] [--max-failures N]
+        [--no-progress]
 
 The same command runs on a laptop (a local Ray is started) and as
 `ray job submit --working-dir . -- python -m cluster.personalize REQUEST ...`.
 
 Order of work: parse the request (a malformed one exits 2 naming the field);
-read and decode every photo (a bad subject is set aside with its reason; a
-store that cannot be reached or refuses access stops the job, exit 1);
-fingerprint the base model; embed the negative pool (Ray Data, reused when
-stored); skip subjects whose content key is already done; ask the autoscaler
-for the workers; train the packs with a Ray Train `TorchTrainer`; write and
-print the job summary. The exit code is 0 only when every subject is trained
+check it against the owner policy (`cluster.policy`: a subject on photos
+outside its owner's prefixes refuses the request, exit 2); read and decode
+every photo (a bad subject is set aside with its reason; a store that cannot
+be reached or refuses access stops the job, exit 1); claim the job id (a
+reused one exits 2); fingerprint the base model; embed the negative pool (Ray
+Data, reused when stored); skip subjects whose content key is already done
+(by a marker whose version still exists); hold this job's share of the
+autoscaler request (`cluster.resources`, released at the end); train the
+packs with a Ray Train `TorchTrainer`; write and print the job summary. The exit code is 0 only when every subject is trained
 or done before and training ended without an error (which the summary's
 `error` and stderr name).
 """
@@ -24,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -35,18 +40,19 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from cluster.keys import done_key, job_prefix, subject_key, subject_record_key
+from cluster.keys import job_prefix, subject_key, subject_record_key
 from cluster.packing import make_packs
+from cluster.policy import OwnerPolicy, PolicyError, load_policy
+from cluster.resources import job_request
 from cluster.request import (DEFAULT_MAX_PHOTO_BYTES, PHOTO_ERRORS, CheckedSubject, PersonalizationRequest, Photo,
                              RequestError, SourceUnavailable, check_subjects, load_request, read_source,
                              s3_endpoint)
 from cluster.store import ArtifactStore, ObjectNotFound, open_store
-from cluster.worker import JobConfig, SubjectTask, deepspeed_config, train_func
+from cluster.worker import JobConfig, SubjectTask, deepspeed_config, read_done_marker, train_func
 from yollava.data import DEFAULT_MAX_PIXELS
 from yollava.tokens import check_name
 
 log = logging.getLogger("cluster.personalize")
-KILL_ONCE_ENV = "YOLLAVA_TEST_KILL_ONCE"  # tests only: a marker file path, see worker._maybe_die
 
 
 @dataclass
@@ -67,6 +73,7 @@ class JobOptions:
     storage_path: str | None = None  # Ray Train's run folder (no checkpoints are kept there)
     dtype: str | None = None
     local: bool = False  # no Ray at all: one process trains every pack (debugging, benchmarks)
+    policy: str | None = None  # the owner policy (cluster.policy): a file or s3:// URI; default: the store's
 
     def __post_init__(self) -> None:
         for name in ("workers", "pack_size"):
@@ -103,9 +110,11 @@ def run_job(request: PersonalizationRequest, options: JobOptions) -> dict:
     """Run a validated request to the end; returns the summary (also written to the store)."""
     t0 = time.perf_counter()
     job_id = options.job_id or new_job_id()
-    checked = check_subjects(request, options.max_pixels, options.max_photo_bytes)
-    pool_photos = read_pool(request, checked, options)
     store = open_request_store(request.store)
+    policy = load_policy(options.policy, store)
+    checked = check_subjects(request, options.max_pixels, options.max_photo_bytes, policy)
+    pool_photos = read_pool(request, checked, options, policy)
+    claim_job_id(store, job_id)
     backbone = encoder = None
     if options.local:
         from yollava.backbone import load_backbone
@@ -140,6 +149,25 @@ def new_job_id() -> str:
     return f"job-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
+def claim_job_id(store: ArtifactStore, job_id: str) -> None:
+    """Take `jobs/<job_id>/` for this run, or refuse the id (RequestError) if any run had it.
+
+    A job reads its subjects' records back from `jobs/<job_id>/subjects/`; an
+    earlier run's records there would be read as this run's, so an id is
+    used once. The claim is a create-if-absent write of `jobs/<id>/job.json`.
+    """
+    prefix = job_prefix(job_id)
+    claim = json.dumps({"job_id": job_id, "run": uuid.uuid4().hex, "host": socket.gethostname(),
+                        "pid": os.getpid(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                       sort_keys=True).encode()
+    refused = RequestError(f"--job-id: job_id={job_id!r} was already used in {store.uri} ({prefix}/ exists): a "
+                           "job's records are its own; choose another id, or leave --job-id out")
+    if store.list_prefix(prefix):  # also runs from before claims, which left no job.json
+        raise refused
+    if not store.put_if_absent(f"{prefix}/job.json", claim) and store.get_bytes(f"{prefix}/job.json") != claim:
+        raise refused
+
+
 def store_options(uri: str) -> dict:
     """Options to open the store with, the S3 endpoint made explicit so that workers use it too."""
     endpoint = s3_endpoint()
@@ -150,12 +178,14 @@ def open_request_store(uri: str) -> ArtifactStore:
     return open_store(uri, **store_options(uri))
 
 
-def read_pool(request: PersonalizationRequest, checked: list[CheckedSubject], options: JobOptions) -> list[Photo]:
+def read_pool(request: PersonalizationRequest, checked: list[CheckedSubject], options: JobOptions,
+              policy: OwnerPolicy | None = None) -> list[Photo]:
     """The negative pool, minus any image that is one of the subjects' photos (of any owner)."""
     if request.negatives is None:
         return []
     try:
-        pool = read_source("negatives", request.negatives, options.max_pixels, options.max_photo_bytes)
+        pool = read_source("negatives", request.negatives, options.max_pixels, options.max_photo_bytes,
+                           policy.check_negative if policy is not None else None)
     except PHOTO_ERRORS as e:
         raise RequestError(f"field negatives: {e}") from e
     private = {p.sha256 for s in checked for p in s.photos}
@@ -195,7 +225,7 @@ def plan_subjects(plan: Plan, checked: list[CheckedSubject], force: bool) -> Non
             plan.entries.append(_entry(s.owner, s.name, "invalid", reason=s.reason))
             continue
         key = subject_key(s.owner, s.name, [p.sha256 for p in s.photos], plan.recipe, plan.fingerprint, pool_key)
-        marker = _marker(plan.store, s.owner, s.name, key)
+        marker = read_done_marker(plan.store, s.owner, s.name, key)
         if marker is not None and not force:
             plan.entries.append(_entry(s.owner, s.name, "done-before", key=key, version=marker["version"],
                                        trained_by=marker.get("job_id")))
@@ -203,13 +233,6 @@ def plan_subjects(plan: Plan, checked: list[CheckedSubject], force: bool) -> Non
         plan.tasks.append(SubjectTask(s.owner, s.name, key, [p.sha256 for p in s.photos], [],
                                       s.description))
         plan.photos[s.owner, s.name] = s.photos
-
-
-def _marker(store: ArtifactStore, owner: str, name: str, key: str) -> dict | None:
-    try:
-        return store.get_json(done_key(owner, name, key))
-    except ObjectNotFound:
-        return None
 
 
 def _entry(owner: str, name: str, status: str, **extra) -> dict:
@@ -233,11 +256,9 @@ def train(plan: Plan, request: PersonalizationRequest, options: JobOptions) -> N
     bundle = {"CPU": options.cpus_per_worker, **({"GPU": options.gpus_per_worker} if options.gpus_per_worker else {})}
     trainer = make_trainer(job, workers, bundle, options)
     log.info("job %s: %d subject(s) in %d pack(s) on %d worker(s)", plan.job_id, len(plan.tasks), len(packs), workers)
-    request_resources([bundle] * workers)
-    try:
+    # This job's share of the autoscaler request, next to other jobs' (cluster.resources); released at the end.
+    with job_request(plan.job_id, [bundle] * workers):
         _fit_with_progress(trainer, plan, options.progress)
-    finally:
-        request_resources([])
 
 
 def make_trainer(job: JobConfig, workers: int, bundle: dict, options: JobOptions):
@@ -273,15 +294,7 @@ def _job_config(plan: Plan, request: PersonalizationRequest, options: JobOptions
                      make_packs(plan.tasks, options.pack_size), plan.pool_info,
                      {k: v for k, v in pool_refs.items() if k in pool_ids}, options.force,
                      deepspeed_config(options.deepspeed) if options.deepspeed else None, options.dtype,
-                     progress=False, kill_once=os.environ.get(KILL_ONCE_ENV),
-                     store_options=store_options(plan.store.uri))
-
-
-def request_resources(bundles: list[dict]) -> None:
-    """Ask the autoscaler for these bundles (an empty list clears the request)."""
-    from ray.autoscaler.sdk import request_resources as ask
-
-    ask(bundles=bundles)
+                     progress=False, store_options=store_options(plan.store.uri))
 
 
 def _fit_with_progress(trainer, plan: Plan, progress: bool) -> None:
@@ -365,7 +378,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pack-size", type=int, default=4, help="subjects trained together per pack")
     ap.add_argument("--deepspeed", help="DeepSpeed JSON config (ZeRO stage 3): shard the backbone across workers")
     ap.add_argument("--force", action="store_true", help="train a new version even of finished subjects")
-    ap.add_argument("--job-id", help="job name in the store (default: job-<time>-<random>)")
+    ap.add_argument("--job-id", help="job name in the store, used once (default: job-<time>-<random>)")
+    ap.add_argument("--policy", help="owner policy, a YAML file or s3:// URI (default: $YOLLAVA_POLICY, "
+                                     "else the store's policy/owners.yaml; see cluster.policy)")
     ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest photo accepted")
     ap.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
     ap.add_argument("--storage-path", help="Ray Train run folder (default ~/ray_results)")
@@ -385,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                              deepspeed=_read_json(args.deepspeed) if args.deepspeed else None,
                              force=args.force, job_id=args.job_id, max_pixels=args.max_pixels,
                              max_failures=args.max_failures, progress=not args.no_progress,
-                             storage_path=args.storage_path, dtype=args.dtype, local=args.local)
+                             storage_path=args.storage_path, dtype=args.dtype, local=args.local,
+                             policy=args.policy)
         if options.deepspeed:
             deepspeed_config(options.deepspeed)
     except ValueError as e:  # RequestError included: the message names the field
@@ -393,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = run_job(request, options)
-    except RequestError as e:
+    except (RequestError, PolicyError) as e:  # PolicyError names the subject, owner and photo
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SourceUnavailable as e:

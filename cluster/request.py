@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
 import yaml
@@ -41,6 +41,14 @@ DEFAULT_MAX_PHOTO_BYTES = 32 * MiB
 
 class RequestError(ValueError):
     """A malformed request: the message names the field (e.g. `subjects.1.name`)."""
+
+
+class PhotoPolicy(Protocol):
+    """What `check_subjects` needs of an owner policy (`cluster.policy.OwnerPolicy`)."""
+
+    def check_request(self, subjects: list[tuple[str, str, list[str]]], negatives: list[str]) -> None: ...
+
+    def checker(self, owner: str, what: str) -> Callable[[str], None]: ...
 
 
 class SourceUnavailable(RuntimeError):
@@ -207,15 +215,22 @@ class CheckedSubject:
 
 
 def read_photos(source: PhotoSource, max_pixels: int = DEFAULT_MAX_PIXELS,
-                max_bytes: int = DEFAULT_MAX_PHOTO_BYTES) -> list[Photo]:
+                max_bytes: int = DEFAULT_MAX_PHOTO_BYTES, check: Callable[[str], None] | None = None) -> list[Photo]:
     """Every photo of a source, read and fully decoded; identical files kept once.
 
     Raises one of PHOTO_ERRORS (DatasetError, FileNotFoundError, ObjectNotFound...)
     naming the first bad photo; what the store raises when it cannot be reached
-    or refuses access (`access_errors()`) passes through.
+    or refuses access (`access_errors()`) passes through. `check(uri)` (the
+    owner policy) is called on every photo before its bytes are read, and on
+    every folder or prefix before it is listed.
     """
     photos, seen = [], set()
+    for item in _entries(source):
+        if check is not None:
+            check(item)
     for uri, read in _list_source(source):
+        if check is not None:
+            check(uri)
         data = read()
         if len(data) > max_bytes:
             raise DatasetError(f"image {uri!r} is {len(data)} bytes, more than {max_bytes}")
@@ -318,8 +333,16 @@ def s3_endpoint() -> str | None:
 
 
 def check_subjects(request: PersonalizationRequest, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   max_bytes: int = DEFAULT_MAX_PHOTO_BYTES) -> list[CheckedSubject]:
-    """Read and decode every subject's photos; a bad subject gets a reason, the rest go on."""
+                   max_bytes: int = DEFAULT_MAX_PHOTO_BYTES, policy: PhotoPolicy | None = None) -> list[CheckedSubject]:
+    """Read and decode every subject's photos; a bad subject gets a reason, the rest go on.
+
+    With an owner `policy`, every owner and source is checked before any photo
+    is read, and every photo before its bytes are: a violation raises
+    PolicyError (the whole request is refused).
+    """
+    if policy is not None:
+        policy.check_request([(s.owner, s.name, _entries(s.photos)) for s in request.subjects],
+                             _entries(request.negatives) if request.negatives is not None else [])
     counts: dict[tuple[str, str], int] = {}
     for s in request.subjects:
         counts[s.owner, s.name] = counts.get((s.owner, s.name), 0) + 1
@@ -329,18 +352,23 @@ def check_subjects(request: PersonalizationRequest, max_pixels: int = DEFAULT_MA
         if counts[s.owner, s.name] > 1:
             checked.reason = f"duplicate name: {s.owner}/{s.name} appears {counts[s.owner, s.name]} times"
         else:
+            check = policy.checker(s.owner, f"subject {checked.label}") if policy is not None else None
             try:
-                checked.photos = read_source(f"subject {checked.label}", s.photos, max_pixels, max_bytes)
+                checked.photos = read_source(f"subject {checked.label}", s.photos, max_pixels, max_bytes, check)
             except PHOTO_ERRORS as e:  # this subject's problem only
                 checked.reason = f"photos: {e}"
         out.append(checked)
     return out
 
 
+def _entries(source: PhotoSource) -> list[str]:
+    return [source] if isinstance(source, str) else list(source)
+
+
 def read_source(what: str, source: PhotoSource, max_pixels: int = DEFAULT_MAX_PIXELS,
-                max_bytes: int = DEFAULT_MAX_PHOTO_BYTES) -> list[Photo]:
+                max_bytes: int = DEFAULT_MAX_PHOTO_BYTES, check: Callable[[str], None] | None = None) -> list[Photo]:
     """read_photos, where a store that cannot be reached or refuses access raises SourceUnavailable."""
     try:
-        return read_photos(source, max_pixels, max_bytes)
+        return read_photos(source, max_pixels, max_bytes, check)
     except access_errors() as e:
         raise SourceUnavailable(f"{what}: photos {source!r} could not be read: {type(e).__name__}: {e}") from e

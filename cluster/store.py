@@ -13,19 +13,20 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from cluster.store_base import (CONCEPTS, MiB, ArtifactStore, ConceptExists, ConceptNotFound, ConceptRef,
-                                ObjectNotFound, check_key, check_prefix, redact)
+                                ObjectNotFound, VersionConflict, check_key, check_prefix, redact)
 from yollava.artifacts import atomic_write
 
 if TYPE_CHECKING:
     from cluster.store_s3 import S3Store
 
 __all__ = ["CONCEPTS", "MiB", "ArtifactStore", "ConceptExists", "ConceptNotFound", "ConceptRef", "FileStore",
-           "ObjectNotFound", "access_errors", "check_key", "open_store"]
+           "ObjectNotFound", "VersionConflict", "access_errors", "check_key", "open_store"]
 _S3_MODULE = "cluster.store_s3"
 
 
@@ -48,6 +49,25 @@ class FileStore(ArtifactStore):
 
     def put_bytes(self, key: str, data: bytes) -> None:
         atomic_write(self._path(key), lambda f: f.write(data))
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        # Written in full to a temp file, then link()ed under its name: link fails if the name exists,
+        # atomically, and a reader never sees a partial object.
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.unlink(tmp)
 
     def get_bytes(self, key: str) -> bytes:
         try:

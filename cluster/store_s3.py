@@ -8,6 +8,7 @@ depends on the interface (`cluster.store_base`), not on `cluster.store`.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from cluster.store_base import MiB, ArtifactStore, ObjectNotFound, check_key, check_prefix, redact
 from yollava.artifacts import atomic_write
@@ -25,6 +27,7 @@ from yollava.artifacts import atomic_write
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _RETRY_MODES = ("standard", "adaptive")
 _MISSING_CODES = ("404", "NoSuchKey", "NotFound")
+log = logging.getLogger(__name__)
 # What this backend raises when S3 cannot be reached or refuses access (no credentials, a bad
 # endpoint, a denied request...): never a missing object, which is ObjectNotFound.
 ACCESS_ERRORS: tuple[type[Exception], ...] = (BotoCoreError, ClientError)
@@ -60,6 +63,7 @@ class S3Store(ArtifactStore):
                              addressing_style=addressing_style, retry_mode=retry_mode, max_attempts=max_attempts)
         self._transfer_options = dict(multipart_threshold=multipart_threshold,
                                       multipart_chunksize=multipart_chunksize, max_concurrency=max_concurrency)
+        self._conditional_writes = True
         self._connect()  # a bad endpoint or region fails here, not at a write
 
     def _connect(self) -> None:
@@ -88,6 +92,35 @@ class S3Store(ArtifactStore):
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self._transfer)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        # S3 (since 2024-08), MinIO, R2: PutObject with If-None-Match: * answers 412 when the key exists.
+        # A server without conditional writes (501) gets a check, then a write: not atomic there.
+        if not self._conditional_writes:
+            if self.exists(key):
+                return False
+            self.put_bytes(key, data)
+            return True
+        try:
+            self._put_if_none_match(self._key(key), data)
+        except ClientError as e:
+            code, status = _error_code(e), e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "PreconditionFailed" or status == 412:
+                return False
+            if code == "NotImplemented" or status == 501:
+                log.warning("%s does not support conditional writes (If-None-Match); "
+                            "falling back to check-then-write", redact(self._client.meta.endpoint_url))
+                self._conditional_writes = False
+                return self.put_if_absent(key, data)
+            raise
+        return True
+
+    @retry(retry=retry_if_exception(lambda e: isinstance(e, ClientError)
+                                    and _error_code(e) == "ConditionalRequestConflict"),
+           wait=wait_random_exponential(multiplier=0.05, max=2), stop=stop_after_attempt(8), reraise=True)
+    def _put_if_none_match(self, full_key: str, data: bytes) -> None:
+        # 409 ConditionalRequestConflict: another conditional write of this key is in flight; S3 says retry.
+        self._client.put_object(Bucket=self.bucket, Key=full_key, Body=data, IfNoneMatch="*")
 
     def get_bytes(self, key: str) -> bytes:
         # One GET: concepts and manifests are kilobytes; get_file is for large blobs.
@@ -155,5 +188,9 @@ def _missing_as_not_found(message: str) -> Iterator[None]:
         raise
 
 
+def _error_code(error: ClientError) -> str | None:
+    return error.response.get("Error", {}).get("Code")
+
+
 def _is_missing(error: ClientError) -> bool:
-    return error.response.get("Error", {}).get("Code") in _MISSING_CODES
+    return _error_code(error) in _MISSING_CODES

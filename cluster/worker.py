@@ -7,18 +7,18 @@ across the workers, so every rank runs every pack in lockstep on the same
 data (their forward passes gather the shards together) and rank 0 writes.
 
 Exactly once, across restarts: before a subject is trained its done-marker is
-checked, and so is the newest complete version in the store (a worker killed
-after the manifest but before the marker left it there). Artifacts are
-written tensors first, manifest last (`ArtifactStore.put_concept`), so a
-killed writer leaves nothing a reader can load.
+checked (it counts only while the version it names exists and holds this
+subject key), and so is the newest complete version in the store (a worker
+killed after the manifest but before the marker left it there). Artifacts are
+written claim, tensors, manifest last (`ArtifactStore.put_concept`), so a
+killed writer leaves nothing a reader can load, and a version number it had
+claimed is never given to another writer.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from cluster.keys import done_key, subject_record_key
 from cluster.negatives import PoolInfo, load_index
 from cluster.packing import packs_of_rank
-from cluster.store import ArtifactStore, ConceptNotFound, open_store
+from cluster.store import ArtifactStore, ConceptNotFound, ObjectNotFound, open_store
 from yollava.backbone import Backbone, load_backbone
 from yollava.mining import VisionTowerEncoder
 from yollava.pipeline import SubjectSpec, build_sets, to_artifact
@@ -76,7 +76,6 @@ class JobConfig:
     deepspeed: dict | None = None
     dtype: str | None = None
     progress: bool = False
-    kill_once: str | None = None  # tests: a marker file; the first writer without it dies after a manifest
     store_options: dict = field(default_factory=dict)  # e.g. endpoint_url
 
     def open_store(self) -> ArtifactStore:
@@ -172,11 +171,9 @@ class PackRunner:
 
     def already_done(self, t: SubjectTask) -> dict | None:
         """The done-marker of this key (this job's, under --force), or of a finished but unmarked version."""
-        marker = done_key(t.owner, t.name, t.key)
-        if self.store.exists(marker):
-            found = self.store.get_json(marker)
-            if not self.job.force or found.get("job_id") == self.job.job_id:
-                return found
+        found = read_done_marker(self.store, t.owner, t.name, t.key)
+        if found is not None and (not self.job.force or found.get("job_id") == self.job.job_id):
+            return found
         try:
             art = self.store.get_concept(t.owner, t.name)
         except ConceptNotFound:
@@ -215,8 +212,7 @@ class PackRunner:
         artifact.metrics.update(subject_key=t.key, job_id=self.job.job_id)
         if not self.writer:
             return {**_public(result.metrics), "status": "trained"}
-        version = self.store.put_concept(artifact)  # tensors first, manifest last
-        self._maybe_die()
+        version = self.store.put_concept(artifact)  # claim, tensors, manifest last
         self._mark(t, version, artifact.metrics, seconds)
         return self._record(t, "trained", seconds, version=version, metrics=_public(result.metrics),
                             usage=photo_usage(ts, t))
@@ -236,17 +232,25 @@ class PackRunner:
             self.store.put_json(subject_record_key(self.job.job_id, t.owner, t.name), record)
         return {k: v for k, v in record.items() if k != "usage"}
 
-    def _maybe_die(self) -> None:
-        """Fault injection for tests: the first writer to get here kills its own process, once."""
-        path = self.job.kill_once
-        if not path:
-            return
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # atomic: one worker wins
-        except FileExistsError:
-            return
-        log.warning("fault injection: killing worker process %d", os.getpid())
-        os.kill(os.getpid(), signal.SIGKILL)
+
+def read_done_marker(store: ArtifactStore, owner: str, name: str, key: str) -> dict | None:
+    """The done-marker of a subject key, if the version it names still exists and was made from this key.
+
+    A marker outlives its version when the version is deleted (one version by
+    an operator, or a whole concept by code that did not forget its markers):
+    such a marker never makes a subject skip training.
+    """
+    try:
+        marker = store.get_json(done_key(owner, name, key))
+    except ObjectNotFound:
+        return None
+    version = marker.get("version")
+    manifest = store.read_manifest(owner, name, version) if isinstance(version, int) and version >= 1 else None
+    if manifest is None or (manifest.get("metrics") or {}).get("subject_key") != key:
+        log.info("subject %s/%s: its done-marker names version %r, which no longer holds this key: "
+                 "not done", owner, name, version)
+        return None
+    return marker
 
 
 def _public(metrics: dict) -> dict:

@@ -6,8 +6,14 @@
 
 Keys are 256-bit random strings, so one round of sha256 is enough (there is
 nothing to brute-force that a slow hash would protect). The file may be a
-mounted secret; `KeyRing` rereads it when its modification time changes, so
-new keys work without a restart.
+mounted secret; `KeyRing` rereads it when it changes, so new keys work
+without a restart. A file that anyone but its owner may write (group- or
+world-writable, or owned by another user than this one or root) is refused:
+whoever can write it can mint keys. A reread that fails (a file caught
+half-written, made writable by others) keeps the last good keys and says so
+once in the log; only the first read fails the service. `create` and
+`revoke` hold a lock file (`.<name>.lock` beside it) around their
+read-modify-write, so concurrent runs lose no key.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import secrets
 import sys
@@ -25,10 +32,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from filelock import FileLock
+
 from yollava.tokens import check_name
 
 KEY_PREFIX = "yk-"
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def hash_key(key: str) -> str:
@@ -43,12 +53,28 @@ class KeyEntry:
     created: str
 
 
+def check_keys_file_access(path: str | os.PathLike) -> None:
+    """PermissionError naming the file unless only its owner (this user or root) may write it."""
+    st = os.stat(path)  # follows links: a mounted Secret's file is a link into ..data/
+    mode = st.st_mode & 0o777
+    if mode & 0o022:
+        raise PermissionError(f"keys file {str(path)!r} is writable by others (mode {oct(mode)}): anyone who can "
+                              "write it can mint keys; refusing it (chmod go-w)")
+    if st.st_uid not in (0, os.getuid()):
+        raise PermissionError(f"keys file {str(path)!r} is owned by uid {st.st_uid}, neither this user "
+                              f"({os.getuid()}) nor root: refusing it")
+
+
 def read_keys_file(path: str | os.PathLike) -> list[KeyEntry]:
-    """Parse and validate a keys file; a missing file holds no keys."""
+    """Parse and validate a keys file; a missing file holds no keys; one others may write is refused."""
     path = Path(path)
     if not path.exists():
         return []
-    doc = json.loads(path.read_text())
+    check_keys_file_access(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"keys file {str(path)!r} is not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION or not isinstance(doc.get("keys"), list):
         raise ValueError(f"keys file {str(path)!r} is not a format_version {FORMAT_VERSION} keys file")
     entries = []
@@ -78,21 +104,32 @@ def write_keys_file(path: str | os.PathLike, entries: list[KeyEntry]) -> None:
         raise
 
 
+def _lock(path: str | os.PathLike) -> FileLock:
+    """The lock around a keys file's read-modify-write (a file beside it; works across processes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path.parent / f".{path.name}.lock"), timeout=60)
+
+
 def create_key(path: str | os.PathLike, tenant: str) -> str:
     """Add a new key for `tenant` to the file; return the key (the only time it exists in clear)."""
     check_name(tenant, "tenant")
-    entries = read_keys_file(path)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    entries.append(KeyEntry("key_" + secrets.token_hex(6), tenant, hash_key(key),
-                            datetime.now(timezone.utc).isoformat(timespec="seconds")))
-    write_keys_file(path, entries)
+    with _lock(path):
+        entries = read_keys_file(path)
+        entries.append(KeyEntry("key_" + secrets.token_hex(6), tenant, hash_key(key),
+                                datetime.now(timezone.utc).isoformat(timespec="seconds")))
+        write_keys_file(path, entries)
     return key
 
 
 def revoke_key(path: str | os.PathLike, key_id: str) -> bool:
-    entries = read_keys_file(path)
-    kept = [e for e in entries if e.key_id != key_id]
-    write_keys_file(path, kept)
+    """Remove a key by its id; False if there was none."""
+    with _lock(path):
+        entries = read_keys_file(path)
+        kept = [e for e in entries if e.key_id != key_id]
+        if len(kept) != len(entries):
+            write_keys_file(path, kept)
     return len(kept) != len(entries)
 
 
@@ -104,19 +141,32 @@ class KeyRing:
         self.recheck_s = recheck_s
         self._by_hash: dict[str, str] = {}
         self._stamp: tuple | None = None
+        self._refused: tuple | None = None  # the stamp of the last file refused (logged once)
         self._checked = 0.0
         self._lock = threading.Lock()
-        self._reload()
+        self._by_hash = self._read(self._file_stamp())  # the first read fails loudly: there are no last good keys
+
+    def _file_stamp(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)  # a mode or owner change is a change too (ctime)
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_mode, st.st_uid)
+
+    def _read(self, stamp: tuple | None) -> dict[str, str]:
+        keys = {e.sha256: e.tenant for e in read_keys_file(self.path)}
+        self._stamp = stamp
+        return keys
 
     def _reload(self) -> None:
-        try:
-            st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except FileNotFoundError:
-            stamp = None
-        if stamp != self._stamp:
-            self._by_hash = {e.sha256: e.tenant for e in read_keys_file(self.path)}
-            self._stamp = stamp
+        stamp = self._file_stamp()
+        if stamp != self._stamp and stamp != self._refused:
+            try:
+                self._by_hash = self._read(stamp)
+            except (ValueError, OSError) as e:  # half-written, unparsable, writable by others, unreadable
+                self._refused = stamp
+                log.warning("keys file %s could not be used, keeping the last good keys (%d): %s",
+                            self.path, len(self._by_hash), e)
         self._checked = time.monotonic()
 
     def tenant(self, key: str | None) -> str | None:

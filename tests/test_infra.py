@@ -140,3 +140,213 @@ def test_example_request_is_valid_and_its_photos_decode():
     RecipeConfig.from_dict(req.recipe)
     checked = check_subjects(req)
     assert len(checked) == 6 and all(c.valid for c in checked), [c.reason for c in checked]
+
+
+# --- the cluster's own doors (issue 15, finding 7) ---------------------------------------------------
+#
+# Kubernetes NetworkPolicy semantics, evaluated on the manifests: a pod selected by any policy of
+# type Ingress accepts only what some rule of those policies allows (peers: podSelector in the
+# policy's namespace, namespaceSelector, both = both; ports by number or by container port name).
+
+NAMESPACE = "yollava"  # where the manifests are applied (they name none)
+RAY_PORTS = {"dashboard/jobs API": 8265, "gcs": 6379, "client": 10001, "dashboard agent": 52365}
+
+
+def _selects(selector, labels):
+    if selector is None:
+        return False
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _peer_matches(peer, source, policy_ns):
+    if "ipBlock" in peer:
+        return source.get("external", False)
+    if source.get("external"):
+        return False
+    ns_sel, pod_sel = peer.get("namespaceSelector"), peer.get("podSelector")
+    ns_ok = _selects(ns_sel, source["ns_labels"]) if ns_sel is not None else source["ns"] == policy_ns
+    pod_ok = _selects(pod_sel, source["labels"]) if pod_sel is not None else True
+    return ns_ok and pod_ok
+
+
+def _port_matches(rule_ports, port, port_names):
+    if not rule_ports:
+        return True
+    for p in rule_ports:
+        want = p.get("port")
+        if want is None or want == port or (isinstance(want, str) and port_names.get(want) == port):
+            return True
+    return False
+
+
+def network_policies():
+    return [d for docs in manifests().values() for d in docs if d["kind"] == "NetworkPolicy"]
+
+
+def allowed(source, target, port):
+    """Whether `source` may open a connection to `target` on `port` under the manifests' policies."""
+    selecting = [p for p in network_policies()
+                 if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+                 and _selects(p["spec"]["podSelector"], target["labels"])]
+    if not selecting:
+        return True  # not isolated
+    for p in selecting:
+        for rule in p["spec"].get("ingress") or []:
+            peers = rule.get("from")
+            if (not peers or any(_peer_matches(peer, source, NAMESPACE) for peer in peers)) and \
+                    _port_matches(rule.get("ports"), port, target["port_names"]):
+                return True
+    return False
+
+
+def pod(ns, labels, port_names=None):
+    return {"ns": ns, "ns_labels": {"kubernetes.io/metadata.name": ns}, "labels": labels,
+            "port_names": port_names or {}}
+
+
+def ray_pods(name):
+    """The head and worker pods KubeRay makes from a manifest: its template labels plus KubeRay's own."""
+    spec, groups, _ = _containers(manifests()[name][0])
+    out = []
+    for i, g in enumerate(groups):
+        labels = {**(g["template"].get("metadata", {}).get("labels") or {}),
+                  "ray.io/node-type": "head" if i == 0 else "worker", "ray.io/is-ray-node": "yes",
+                  "ray.io/cluster": name.removesuffix(".yaml"), "app.kubernetes.io/created-by": "kuberay-operator"}
+        names = {p["name"]: p["containerPort"] for c in g["template"]["spec"]["containers"] for p in c.get("ports", [])}
+        out.append(pod(NAMESPACE, labels, names))
+    return out
+
+
+OUTSIDER = pod("other-team", {"app": "anything"})
+NEIGHBOUR = pod(NAMESPACE, {"app": "not-ray"})  # same namespace, not one of ours
+OPERATOR = pod("kuberay-system", {"app.kubernetes.io/name": "kuberay-operator"})
+INGRESS = pod("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
+INTERNET = {"external": True}
+
+
+def test_ray_cluster_launcher_binds_the_dashboard_to_localhost():
+    config = yaml.safe_load((ROOT / "ray-cluster.yaml").read_text())
+    start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start
+    assert "0.0.0.0" not in (ROOT / "ray-cluster.yaml").read_text()
+
+
+def test_ray_dashboards_and_job_apis_are_closed_to_everyone_but_the_operator_and_the_cluster():
+    assert network_policies(), "no NetworkPolicy in infra/"
+    for name in ("raycluster.yaml", "rayjob.yaml", "rayservice.yaml"):
+        head, *workers = ray_pods(name)
+        assert workers
+        for what, port in RAY_PORTS.items():
+            for stranger in (OUTSIDER, NEIGHBOUR, INGRESS, INTERNET):
+                assert not allowed(stranger, head, port), f"{name}: {what} ({port}) open to {stranger}"
+        assert allowed(OPERATOR, head, 8265), f"{name}: the KubeRay operator cannot reach the dashboard"
+        assert allowed(workers[0], head, 6379), f"{name}: workers cannot reach their head"
+        assert not allowed(OPERATOR, head, 6379), f"{name}: the operator needs the dashboard only"
+
+
+def test_the_chat_service_and_the_jobs_cannot_reach_each_others_ray():
+    jobs = ray_pods("raycluster.yaml") + ray_pods("rayjob.yaml")
+    chat = ray_pods("rayservice.yaml")
+    for a, b in ((chat, jobs), (jobs, chat)):
+        for port in RAY_PORTS.values():
+            assert not allowed(a[0], b[0], port) and not allowed(a[1], b[0], port), port
+
+
+def test_chat_is_reached_only_through_a_tls_ingress():
+    ingresses = [d for docs in manifests().values() for d in docs if d["kind"] == "Ingress"]
+    assert len(ingresses) == 1
+    spec = ingresses[0]["spec"]
+    hosts = {r["host"] for r in spec["rules"]}
+    tls_hosts = {h for t in spec["tls"] for h in t["hosts"]}
+    assert hosts and hosts <= tls_hosts and all(t["secretName"] for t in spec["tls"])
+    annotations = ingresses[0]["metadata"].get("annotations", {})
+    assert annotations.get("nginx.ingress.kubernetes.io/force-ssl-redirect") == "true"
+    backends = {(p["backend"]["service"]["name"], p["backend"]["service"]["port"]["number"])
+                for r in spec["rules"] for p in r["http"]["paths"]}
+    service = manifests()["rayservice.yaml"][0]["metadata"]["name"] + "-serve-svc"  # KubeRay's name for it
+    assert backends == {(service, 8000)}
+    chat_head, chat_worker = ray_pods("rayservice.yaml")
+    for target in (chat_head, chat_worker):
+        assert allowed(INGRESS, target, 8000)
+        for stranger in (OUTSIDER, NEIGHBOUR, INTERNET):
+            assert not allowed(stranger, target, 8000)
+
+
+def _secret_refs(doc):
+    refs = set()
+    for c in _containers(doc)[2] if doc["kind"].startswith("Ray") else _pod_containers(doc):
+        refs |= {e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e}
+        refs |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
+                 if "secretKeyRef" in e.get("valueFrom", {})}
+    return refs
+
+
+def _pod_containers(doc):
+    spec = doc.get("spec", {})
+    spec = spec.get("jobTemplate", {}).get("spec", spec)
+    template = spec.get("template", {}).get("spec", {})
+    return template.get("containers", []) + template.get("initContainers", [])
+
+
+def _minio_policies():
+    docs = manifests()["minio.yaml"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "yollava-minio-policies")
+    return {k.removesuffix(".json"): json.loads(v) for k, v in config["data"].items() if k.endswith(".json")}
+
+
+def _grants(policy, action, key):
+    """Whether an IAM-style policy allows `action` on object `key` of the artifacts bucket."""
+    import fnmatch
+
+    for st in policy["Statement"]:
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        resources = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+        if st["Effect"] == "Allow" and any(fnmatch.fnmatchcase(action, a) for a in actions) and \
+                any(fnmatch.fnmatchcase(f"arn:aws:s3:::yollava-artifacts/{key}", r) for r in resources):
+            return True
+    return False
+
+
+def test_chat_and_jobs_use_separate_least_privilege_s3_identities():
+    root_secret = "yollava-minio-root"
+    chat_refs = _secret_refs(manifests()["rayservice.yaml"][0])
+    job_refs = _secret_refs(manifests()["rayjob.yaml"][0]) | _secret_refs(manifests()["raycluster.yaml"][0])
+    assert chat_refs == {"yollava-s3-chat"}
+    assert job_refs == {"yollava-s3-jobs"}
+    for name, docs in manifests().items():
+        for doc in docs:
+            refs = _secret_refs(doc) if doc["kind"] in ("Deployment", "Job", "RayJob", "RayService",
+                                                           "RayCluster") else set()
+            if root_secret in refs:
+                assert name == "minio.yaml" and doc["kind"] in ("Deployment", "Job"), (name, doc["kind"])
+    policies = _minio_policies()
+    assert set(policies) == {"yollava-chat", "yollava-jobs"}
+    chat, jobs = policies["yollava-chat"], policies["yollava-jobs"]
+    for policy in (chat, jobs):
+        for st in policy["Statement"]:
+            actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            assert "s3:*" not in actions and not any(a.startswith("admin:") for a in actions), st
+            for r in st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]:
+                assert r.startswith("arn:aws:s3:::yollava-artifacts"), r
+    prod = "prod"
+    # the chat reads concepts and manages grants; it never writes a concept or the owner policy
+    assert _grants(chat, "s3:GetObject", f"{prod}/concepts/alice/bo/v1/manifest.json")
+    assert _grants(chat, "s3:PutObject", f"{prod}/shares/alice/bo/bob.json")
+    assert not _grants(chat, "s3:PutObject", f"{prod}/concepts/alice/bo/v1/manifest.json")
+    assert not _grants(chat, "s3:PutObject", f"{prod}/policy/owners.yaml")
+    assert not _grants(chat, "s3:GetObject", "photos/alice/bo/1.png")
+    # the jobs write concepts, markers, records; never grants, never the policy they are held to
+    assert _grants(jobs, "s3:PutObject", f"{prod}/concepts/alice/bo/v1/manifest.json")
+    assert _grants(jobs, "s3:GetObject", f"{prod}/policy/owners.yaml")
+    assert not _grants(jobs, "s3:PutObject", f"{prod}/policy/owners.yaml")
+    assert not _grants(jobs, "s3:PutObject", f"{prod}/shares/alice/bo/bob.json")
+    assert not _grants(jobs, "s3:GetObject", f"{prod}/shares/alice/bo/bob.json")

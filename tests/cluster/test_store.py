@@ -303,3 +303,83 @@ def test_s3_access_errors_are_known_once_the_backend_is_loaded(monkeypatch):
     open_store("s3://my-bucket/x", endpoint_url="http://127.0.0.1:9")
     assert access_errors() == (BotoCoreError, ClientError)
     assert not issubclass(ObjectNotFound, access_errors()) and issubclass(NoCredentialsError, access_errors())
+
+
+# -- racing writers (issue 15, finding 1) ----------------------------------------------------------
+
+
+def test_racing_writers_each_get_their_own_complete_version(store):
+    """Three writers of one concept at once, a reader loading the latest meanwhile, many rounds:
+    no version is returned twice, every version loads and holds its own writer's tensors."""
+    from bench.reliability import race_writers
+
+    rounds = 8 if store.uri.startswith("file:") else 5  # S3 rounds cost more (python -m bench.reliability: 50)
+    result = race_writers(store, rounds=rounds, writers=3)
+    assert result["rounds"] == rounds and result["reads"] > 0
+    assert result["violations"] == []
+
+
+def test_put_if_absent_writes_once(store):
+    assert store.put_if_absent("locks/a", b"first")
+    assert not store.put_if_absent("locks/a", b"second")
+    assert store.get_bytes("locks/a") == b"first"
+    assert store.list_prefix("locks") == ["locks/a"]  # no temp file left behind
+    with pytest.raises(ValueError, match=re.escape("key='../x'")):
+        store.put_if_absent("../x", b"")
+
+
+def test_a_version_claimed_by_a_killed_writer_is_never_reused(store, tiny):
+    first, second = make_artifact(tiny, seed=1), make_artifact(tiny, seed=2)
+    store.put_concept(first)
+    # A writer claimed version 2, wrote its tensors and died before its manifest.
+    store.put_bytes("concepts/alice/bo/v2/claims/dead-writer", b"{}")
+    store.put_bytes(version_key("alice", "bo", 2, TENSORS_FILE), second.to_bytes()[0])
+    assert store.versions("alice", "bo") == [1]
+    assert store.put_concept(second) == 3
+    assert_same_rows(store.get_concept("alice", "bo"), second)
+    with pytest.raises(ConceptExists, match="alice/bo version 2"):
+        store.put_concept(first, version=2)
+    assert store.versions("alice", "bo") == [1, 3]
+
+
+def test_a_manifest_write_retried_after_it_landed_is_the_writers_own(store, tiny, monkeypatch):
+    """S3 answered 5xx to a write that had landed; the retry finds the object there: that is ours."""
+    real = store.put_if_absent
+
+    def landed_then_failed(key, data):
+        assert real(key, data)
+        return real(key, data)  # the retry: the key exists now
+
+    monkeypatch.setattr(store, "put_if_absent", landed_then_failed)
+    assert store.put_concept(make_artifact(tiny)) == 1
+    assert_same_rows(store.get_concept("alice", "bo"), make_artifact(tiny))
+
+
+def test_deleting_the_last_version_ends_the_concept(store, tiny):
+    store.put_concept(make_artifact(tiny))
+    first = store.incarnation("alice", "bo", create=True)
+    assert store.incarnation("alice", "bo") == first
+    store.put_concept(make_artifact(tiny, seed=1))
+    assert store.delete_concept("alice", "bo", version=1) == [1]
+    assert store.incarnation("alice", "bo") == first  # version 2 lives on: the same concept
+    assert store.delete_concept("alice", "bo", version=2) == [2]
+    assert store.list_prefix("concepts/alice/bo") == [] and store.incarnation("alice", "bo") is None
+    with pytest.raises(ConceptNotFound):
+        store.incarnation("alice", "bo", create=True)
+    store.put_concept(make_artifact(tiny))
+    assert store.incarnation("alice", "bo", create=True) not in (None, first)
+
+
+def test_a_store_behind_a_proxy_answering_503_loses_nothing(s3_endpoint, s3_bucket, tiny, tmp_path):
+    """Every 5th request answered 503 SlowDown (never reaching the server): racing writers, claims,
+    conditional manifests and reads all go through, and a whole job completes (bench.reliability;
+    botocore's retries back off up to a second, hence few rounds)."""
+    from bench.faults import FaultyS3Proxy
+    from bench.reliability import fault_run, job_ok, race_writers
+
+    with FaultyS3Proxy(s3_endpoint, every=5) as proxy:
+        store = open_store(f"s3://{s3_bucket}/faulty", endpoint_url=proxy.url)
+        result = race_writers(store, rounds=2, writers=2)
+    assert proxy.failed >= 3 and result["violations"] == []
+    row = fault_run(tmp_path, s3_endpoint, every=5, local=True)
+    assert row["answered_503"] >= 5 and job_ok(row), row

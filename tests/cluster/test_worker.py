@@ -1,5 +1,6 @@
 """The worker's pieces without Ray: concept init under sharding, privacy guard, the --local path."""
 
+import io
 import json
 
 import pytest
@@ -63,3 +64,53 @@ def test_pack_scaling_bench_runs_small(capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert set(result["seconds_per_subject"]) == {"1", "2"}
     assert all(v > 0 for v in result["seconds_per_subject"].values())
+
+
+# -- a worker killed between the steps of a write (what an external SIGKILL can hit) ----------------
+
+
+def killed_job(tmp_path, tiny, job_id="job-k"):
+    """One subject (alice/bo) of a job, its photos in memory, as a restarted worker would get it."""
+    from bench.reliability import RECIPE, photo
+    from cluster.packing import make_packs
+    from cluster.worker import JobConfig
+    from yollava.mining import image_sha256
+
+    data = []
+    for i in range(3):
+        buf = io.BytesIO()
+        photo(i).save(buf, format="PNG")
+        data.append(buf.getvalue())
+    task = SubjectTask("alice", "bo", "ab" * 32, [image_sha256(d) for d in data], data)
+    return JobConfig(job_id, (tmp_path / "store").as_uri(), "tiny", tiny.fingerprint, RECIPE,
+                     make_packs([task], 1)), task
+
+
+def test_killed_after_the_manifest_before_the_marker_the_restart_finishes_the_bookkeeping(tmp_path, tiny):
+    from cluster.keys import done_key
+    from cluster.worker import PackRunner
+    from tests.conftest import random_rows
+    from yollava.artifacts import ConceptArtifact
+
+    job, task = killed_job(tmp_path, tiny)
+    store = open_store(job.store_uri)
+    store.put_concept(ConceptArtifact("alice", random_rows(tiny, "bo", k=2), "tiny", tiny.fingerprint,
+                                      metrics={"subject_key": task.key, "job_id": job.job_id}))
+    out = PackRunner(job, tiny).run([task])["alice/bo"]
+    assert (out["status"], out["version"], out["recovered"]) == ("trained", 1, True)
+    assert store.versions("alice", "bo") == [1]  # not trained again
+    assert store.get_json(done_key("alice", "bo", task.key))["version"] == 1
+
+
+def test_killed_after_claiming_a_version_the_restart_trains_into_the_next(tmp_path, tiny):
+    from cluster.keys import done_key
+    from cluster.worker import PackRunner
+
+    job, task = killed_job(tmp_path, tiny)
+    store = open_store(job.store_uri)
+    store.put_bytes("concepts/alice/bo/v1/claims/killed-writer", b"{}")  # and nothing after it
+    out = PackRunner(job, tiny).run([task])["alice/bo"]
+    assert (out["status"], out["version"]) == ("trained", 2)
+    assert store.versions("alice", "bo") == [2]
+    assert store.get_concept("alice", "bo").metrics["subject_key"] == task.key
+    assert store.get_json(done_key("alice", "bo", task.key))["version"] == 2
