@@ -34,7 +34,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-mb", type=float, default=256)
     p.add_argument("--revalidate-s", type=float, default=1.0)
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-ms", type=float, default=5.0)
     return p.parse_args(argv)
 
 
@@ -49,7 +48,7 @@ def prepare(ns: argparse.Namespace) -> tuple[dict, dict[str, str]]:
         demo = {t: create_key(keys, t) for t in ns.demo_tenants.split(",") if t}
     args = {"store": ns.store, "keys": keys, "model": ns.model, "dtype": ns.dtype,
             "s3_endpoint_url": ns.s3_endpoint_url, "cache_mb": ns.cache_mb, "revalidate_s": ns.revalidate_s,
-            "max_batch_size": ns.max_batch_size, "batch_wait_ms": ns.batch_wait_ms}
+            "max_batch_size": ns.max_batch_size}
     return args, demo
 
 

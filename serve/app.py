@@ -4,8 +4,10 @@
     serve deploy serve/config.yaml
     python -m serve --store file:///tmp/store        # one machine, demo keys printed
 
-`ChatIngress` authenticates, validates and decodes photos (so nothing bad
-reaches the model), and owns the concept listing/sharing API. `ChatModel`
+`ChatIngress` authenticates, applies each tenant's rate limit and cap on
+requests in flight, validates (off the event loop) and decodes and shrinks
+photos (so nothing bad or oversized reaches the model), and owns the concept
+listing/sharing API. `ChatModel`
 holds the base model, the concept cache and the batch scheduler; every
 replica can serve every tenant's concepts.
 """
@@ -15,6 +17,7 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from typing import AsyncIterator
 
 import torch
@@ -24,19 +27,21 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.exceptions import RayError
-from ray.serve.exceptions import RayServeException
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.store import open_store
+from cluster.lifecycle import forget_concept
+from cluster.store import ConceptNotFound, open_store
 from yollava.backbone import load_backbone
 from yollava.tokens import NAME_RE
 
 from serve.concepts import Sharing
 from serve.engine import ChatEngine, set_torch_threads
 from serve.keys import KeyRing
-from serve.limits import Limits, to_chat
-from serve.metrics import IngressMetrics, ModelMetrics
+from serve.limits import Limits, Refused, Slot, TenantGate, TenantLimits, check_raw, to_chat
+from serve.metrics import IngressMetrics, ModelMetrics, TenantLabels
+from serve.photos import PhotoFit
 from serve.schemas import (Chat, ChatCompletionRequest, RequestError, chunk_body, completion_body,
                            error_body, usage)
 
@@ -56,8 +61,14 @@ class AppArgs(BaseModel):
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph...)")
     cache_mb: float = Field(256, gt=0, description="concept cache per model replica, MiB")
     revalidate_s: float = Field(1.0, ge=0, description="how stale a cached concept or share may be")
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_ms: float = Field(5.0, ge=0)
+    max_batch_size: int = Field(32, ge=1, description="rows decoded together (continuous batching)")
+    max_rows_per_tenant: int | None = Field(None, ge=1, description="rows one tenant may hold; default half the batch")
+    max_prefill_tokens: int = Field(4096, ge=1, description="prompt tokens prefilled per step (one request at least)")
+    kv_budget_tokens: int = Field(65536, ge=1, description="KV cache the batch may reach, in tokens (padded)")
+    store_threads: int = Field(8, ge=1, description="threads for store reads per model replica")
+    store_timeout_s: float = Field(10.0, gt=0, description="a store read slower than this is an error")
+    max_tenant_labels: int = Field(64, ge=0, description="tenants named in metrics labels; the rest are 'other'")
+    tenant_limits: TenantLimits = Field(default_factory=TenantLimits, description="serve.limits.TenantLimits")
     torch_threads: int | None = Field(None, ge=1)
     limits: Limits = Field(default_factory=Limits, description="request limits (serve.limits.Limits)")
 
@@ -70,12 +81,18 @@ class AppArgs(BaseModel):
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
+                 code: str | None = None, param: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.type, self.code, self.param = status, type_, code, param
+        self.headers = headers or {}
 
     def response(self, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse(error_body(str(self), self.type, self.param, self.code), self.status, headers=headers)
+        return JSONResponse(error_body(str(self), self.type, self.param, self.code), self.status,
+                            headers={**self.headers, **(headers or {})})
+
+
+def _retry_after(seconds: float) -> dict:
+    return {"Retry-After": str(max(1, int(-(-seconds // 1))))}
 
 
 def _error_type(status: int) -> str:
@@ -127,6 +144,26 @@ def _pydantic_message(err: ValidationError) -> tuple[str, str]:
     return f"{loc}: {e['msg'].removeprefix('Value error, ')}", loc
 
 
+def parse_chat_request(body: bytes, limits: Limits) -> ChatCompletionRequest:
+    """JSON -> a validated request, or ApiError 400 (nesting too deep included: json's RecursionError)."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"malformed JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply", code="invalid_json") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        check_raw(doc, limits)
+        return ChatCompletionRequest.model_validate(doc)
+    except RequestError as e:
+        raise ApiError(e.status, str(e), code=e.code, param=e.param) from None
+    except ValidationError as e:
+        message, param = _pydantic_message(e)
+        raise ApiError(400, message, param=param) from None
+
+
 # -- the deployments --------------------------------------------------------------------------
 
 
@@ -141,23 +178,38 @@ class ChatModel:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.backbone = load_backbone(args.model, args.dtype, device, seed=args.seed)
         self.metrics = ModelMetrics()
+        self.labels = TenantLabels(args.max_tenant_labels)
         self.engine = ChatEngine(self.backbone, args.open_store(), cache_bytes=int(args.cache_mb * 2**20),
                                  revalidate_s=args.revalidate_s, max_batch_size=args.max_batch_size,
-                                 batch_wait_s=args.batch_wait_ms / 1000,
-                                 on_cache_event=self.metrics.cache_event, on_batch=self.metrics.batch)
+                                 max_rows_per_tenant=args.max_rows_per_tenant,
+                                 max_prefill_tokens=args.max_prefill_tokens, kv_budget_tokens=args.kv_budget_tokens,
+                                 tenant_limits=args.tenant_limits, store_threads=args.store_threads,
+                                 store_timeout_s=args.store_timeout_s,
+                                 on_cache_event=self.metrics.cache_event, on_step=self.metrics.batch,
+                                 on_queue=self._queue_length)
+
+    def _queue_length(self, tenant: str, n: int) -> None:
+        # Several tenants may share the label `other`: it shows the last of them (a gauge cannot add).
+        self.metrics.queue_length.set(n, tags={"tenant": self.labels(tenant)})
 
     async def chat(self, tenant: str, chat: Chat) -> AsyncIterator[dict]:
         outcome = "ok"
+        label = self.labels(tenant)
         async for event in self.engine.chat(tenant, chat):
             kind = event["event"]
             if kind == "start":
                 self.metrics.concepts_per_request.observe(len(event["concepts"]))
             elif kind == "end":
                 self.metrics.prompt_tokens.inc(event["prompt_tokens"])
+                self.metrics.tenant_tokens.inc(event["prompt_tokens"], tags={"tenant": label, "kind": "prompt"})
                 if event["completion_tokens"]:
                     self.metrics.completion_tokens.inc(event["completion_tokens"])
+                    self.metrics.tenant_tokens.inc(event["completion_tokens"],
+                                                   tags={"tenant": label, "kind": "completion"})
             elif kind == "error":
                 outcome = f"error_{event['status']}"
+                if event["status"] == 429:
+                    self.metrics.rejections.inc(tags={"tenant": label, "reason": "unknown_concepts"})
             yield event
         self.metrics.requests.inc(tags={"outcome": outcome})
         self.metrics.cache_bytes.set(self.engine.cache.nbytes)
@@ -166,11 +218,14 @@ class ChatModel:
         return {"model": self.backbone.model_id, "fingerprint": self.backbone.fingerprint,
                 "device": str(self.backbone.device)}
 
+    def photo_fit(self) -> PhotoFit:
+        """How the ingress shrinks photos for this model (its image processor and tower size)."""
+        return PhotoFit.for_backbone(self.backbone)
+
     def stats(self) -> dict:
-        s, c = self.engine.scheduler.stats, self.engine.cache
-        return {"batches": s.batches, "rows": s.rows, "max_batch": s.max_batch,
-                "batch_sizes": list(s.batch_sizes), "cache": dict(c.stats.__dict__),
-                "cache_bytes": c.nbytes, "cached": len(c)}
+        c = self.engine.cache
+        return {**self.engine.scheduler.snapshot(), "cache": dict(c.stats.__dict__), "cache_bytes": c.nbytes,
+                "cached": len(c)}
 
     def forget(self, owner: str, name: str) -> bool:
         """Drop a concept from this replica's cache (others revalidate within revalidate_s)."""
@@ -188,6 +243,9 @@ class ChatIngress:
         self.store = args.open_store()
         self.sharing = Sharing(self.store)
         self.metrics = IngressMetrics()
+        self.gate = TenantGate(args.tenant_limits)
+        self.labels = TenantLabels(args.max_tenant_labels)
+        self._photo_fit: PhotoFit | None = None
 
     # -- helpers
 
@@ -224,23 +282,31 @@ class ChatIngress:
         if ctype != "application/json":
             raise ApiError(415, f"content-type {ctype!r}: send application/json", code="unsupported_media_type")
         body = await self._body(request)
+        return await asyncio.to_thread(parse_chat_request, body, self.limits)  # up to max_body_bytes: off the loop
+
+    def _enter(self, tenant: str) -> Slot:
         try:
-            doc = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ApiError(400, f"malformed JSON: {e}", code="invalid_json") from None
-        if not isinstance(doc, dict):
-            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
-        try:
-            return ChatCompletionRequest.model_validate(doc)
-        except ValidationError as e:
-            message, param = _pydantic_message(e)
-            raise ApiError(400, message, param=param) from None
+            return self.gate.enter(tenant)
+        except Refused as e:
+            self.metrics.rejections.inc(tags={"tenant": self.labels(tenant), "reason": e.reason})
+            raise ApiError(429, str(e), code="rate_limit_exceeded",
+                           headers={"Retry-After": e.retry_after_header}) from None
+
+    async def _fit(self, req: ChatCompletionRequest) -> PhotoFit | None:
+        """The model's PhotoFit, asked once, when the first photo arrives."""
+        if not any(isinstance(m.content, list) and any(p.type == "image_url" for p in m.content)
+                   for m in req.messages):
+            return None
+        if self._photo_fit is None:
+            self._photo_fit = await self.model.photo_fit.remote()
+        return self._photo_fit
 
     # -- routes
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.model_id}
+        # Readiness only: which model or where it lives is nobody's business without a key.
+        return {"status": "ok"}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -252,52 +318,70 @@ class ChatIngress:
     async def chat_completions(self, request: Request):
         t0 = time.perf_counter()
         tenant = self._tenant(request)
-        req = await self._parse(request)
-        if req.model != self.model_id:
-            raise ApiError(404, f"model {req.model[:100]!r} does not exist; this server has {self.model_id!r}",
-                           code="model_not_found", param="model")
+        slot = self._enter(tenant)  # before reading the body: a refused request costs nothing more
+        streaming = False
         try:
-            chat = await asyncio.to_thread(to_chat, req, self.limits)  # photos decode off the loop
-        except RequestError as e:
-            raise ApiError(e.status, str(e), code=e.code, param=e.param) from None
-        events = self.model.options(stream=True).chat.remote(tenant, chat)
-        first = await events.__anext__()
-        if first["event"] == "error":
-            raise ApiError(first["status"], first["message"], _error_type(first["status"]), first["code"],
-                           first["param"])
-        headers = {"x-concepts-used": ",".join(first["concepts"])}
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(chat, first, events, include_usage), headers=headers,
-                                     media_type="text/event-stream")
-        text, end = [], None
-        async for ev in events:
-            if ev["event"] == "delta":
-                text.append(ev["text"])
-            elif ev["event"] == "end":
-                end = ev
-            elif ev["event"] == "error":
-                raise ApiError(ev["status"], ev["message"], "server_error", ev["code"])
-        self.metrics.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": "chat"})
-        return JSONResponse(completion_body(chat, self.model_id, "".join(text), end["finish_reason"],
-                                            end["prompt_tokens"], end["completion_tokens"]), headers=headers)
+            req = await self._parse(request)
+            if req.model != self.model_id:
+                raise ApiError(404, f"model {req.model[:100]!r} does not exist; this server has {self.model_id!r}",
+                               code="model_not_found", param="model")
+            fit = await self._fit(req)
+            try:
+                chat = await asyncio.to_thread(to_chat, req, self.limits, fit)  # photos decode off the loop
+            except RequestError as e:
+                raise ApiError(e.status, str(e), code=e.code, param=e.param) from None
+            events = self.model.options(stream=True).chat.remote(tenant, chat)
+            try:
+                first = await events.__anext__()
+            except BackPressureError:
+                self.metrics.rejections.inc(tags={"tenant": self.labels(tenant), "reason": "overloaded"})
+                raise ApiError(503, "the model is overloaded (its queue is full); retry shortly", "server_error",
+                               "overloaded", headers=_retry_after(1)) from None
+            if first["event"] == "error":
+                retry = first.get("retry_after")
+                raise ApiError(first["status"], first["message"], _error_type(first["status"]), first["code"],
+                               first["param"], headers=_retry_after(retry) if retry is not None else None)
+            headers = {"x-concepts-used": ",".join(first["concepts"])}
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                body = self._sse(chat, first, events, include_usage, slot)
+                weakref.finalize(body, slot.release)  # a stream never started is still given back
+                streaming = True
+                return StreamingResponse(body, headers=headers, media_type="text/event-stream")
+            text, end = [], None
+            async for ev in events:
+                if ev["event"] == "delta":
+                    text.append(ev["text"])
+                elif ev["event"] == "end":
+                    end = ev
+                elif ev["event"] == "error":
+                    raise ApiError(ev["status"], ev["message"], "server_error", ev["code"])
+            self.metrics.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": "chat"})
+            return JSONResponse(completion_body(chat, self.model_id, "".join(text), end["finish_reason"],
+                                                end["prompt_tokens"], end["completion_tokens"]), headers=headers)
+        finally:
+            if not streaming:
+                slot.release()
 
-    async def _sse(self, chat: Chat, first: dict, events, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(self, chat: Chat, first: dict, events, include_usage: bool, slot: Slot) -> AsyncIterator[str]:
         def data(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
 
-        yield data(chunk_body(chat, self.model_id, {"role": "assistant", "content": ""}))
-        async for ev in events:
-            if ev["event"] == "delta":
-                yield data(chunk_body(chat, self.model_id, {"content": ev["text"]}))
-            elif ev["event"] == "end":
-                yield data(chunk_body(chat, self.model_id, {}, ev["finish_reason"]))
-                if include_usage:
-                    yield data(chunk_body(chat, self.model_id, {}, usage_=usage(
-                        ev["prompt_tokens"], ev["completion_tokens"]), choices=False))
-            elif ev["event"] == "error":
-                yield data(error_body(ev["message"], "server_error", None, ev["code"]))
-        yield "data: [DONE]\n\n"
+        try:
+            yield data(chunk_body(chat, self.model_id, {"role": "assistant", "content": ""}))
+            async for ev in events:
+                if ev["event"] == "delta":
+                    yield data(chunk_body(chat, self.model_id, {"content": ev["text"]}))
+                elif ev["event"] == "end":
+                    yield data(chunk_body(chat, self.model_id, {}, ev["finish_reason"]))
+                    if include_usage:
+                        yield data(chunk_body(chat, self.model_id, {}, usage_=usage(
+                            ev["prompt_tokens"], ev["completion_tokens"]), choices=False))
+                elif ev["event"] == "error":
+                    yield data(error_body(ev["message"], "server_error", None, ev["code"]))
+            yield "data: [DONE]\n\n"
+        finally:
+            slot.release()
 
     @api.get("/v1/concepts")
     async def list_concepts(self, request: Request) -> dict:
@@ -323,10 +407,8 @@ class ChatIngress:
         self._name(name)
 
         def delete() -> list[int]:
-            deleted = self.store.delete_concept(tenant, name)
-            if deleted:
-                self.sharing.drop(tenant, name)
-            return deleted
+            # Grants first, then versions, done-markers and job records (cluster.lifecycle).
+            return forget_concept(self.store, tenant, name)["versions"]
 
         if not await asyncio.to_thread(delete):
             raise ApiError(404, f"no concept named {name!r}", code="concept_not_found", param="name")
@@ -349,7 +431,10 @@ class ChatIngress:
         await self._own(tenant, self._name(name))
         if not NAME_RE.fullmatch(grantee) or grantee == tenant:
             raise ApiError(400, f"cannot share with {grantee[:80]!r}", param="tenant")
-        changed = await asyncio.to_thread(self.sharing.share, tenant, name, grantee)
+        try:
+            changed = await asyncio.to_thread(self.sharing.share, tenant, name, grantee)
+        except ConceptNotFound:  # deleted while being shared: the grant was taken back
+            raise ApiError(404, f"no concept named {name!r}", code="concept_not_found", param="name") from None
         return {"concept": name, "tenant": grantee, "shared": True, "changed": changed}
 
     @api.delete("/v1/concepts/{name}/shares/{grantee}")

@@ -12,7 +12,9 @@ cases, so nothing tells a caller what exists (and `vector<int>` in pasted code
 still works). The store is the only source of truth; the cache revalidates an
 entry against `latest_version` once it is older than `revalidate_s`, so a new
 version is picked up and a deleted concept stops answering within that time
-(0 = on every request).
+(0 = on every request). Grants are checked with the same bound: an unshare
+(or a deletion) that returned is in force on every replica within
+`revalidate_s`.
 """
 
 from __future__ import annotations
@@ -21,69 +23,17 @@ import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
-from cluster.store import ArtifactStore, ConceptNotFound, ObjectNotFound
+from cluster.shares import Grants
+from cluster.store import ArtifactStore, ConceptNotFound, access_errors
 from yollava.artifacts import ArtifactError
 from yollava.concept_model import ConceptRows
-from yollava.tokens import ConceptTokens, check_name
-
-SHARES = "shares"  # shares/<owner>/<name>.json = {"tenants": [...]}: the authority
-INBOX = "shared-with"  # shared-with/<tenant>/<owner>/<name>: an index for listing only
+from yollava.tokens import ConceptTokens
 
 
-class Sharing:
-    """Who may use a concept besides its owner, stored next to the concepts (blocking calls)."""
-
-    def __init__(self, store: ArtifactStore):
-        self.store = store
-
-    @staticmethod
-    def _doc(owner: str, name: str) -> str:
-        return f"{SHARES}/{check_name(owner, 'owner')}/{check_name(name, 'name')}.json"
-
-    def grantees(self, owner: str, name: str) -> list[str]:
-        try:
-            doc = self.store.get_json(self._doc(owner, name))
-        except ObjectNotFound:
-            return []
-        return sorted(t for t in doc.get("tenants", []) if isinstance(t, str))
-
-    def share(self, owner: str, name: str, tenant: str) -> bool:
-        """Share with `tenant`; False if it already was. Writes the index first, the authority last."""
-        check_name(tenant, "tenant")
-        current = self.grantees(owner, name)
-        if tenant in current:
-            return False
-        self.store.put_bytes(f"{INBOX}/{tenant}/{owner}/{name}", b"")
-        self.store.put_json(self._doc(owner, name), {"tenants": sorted({*current, tenant})})
-        return True
-
-    def unshare(self, owner: str, name: str, tenant: str) -> bool:
-        """Stop sharing with `tenant`; False if it was not shared. Authority first, index last."""
-        check_name(tenant, "tenant")
-        current = self.grantees(owner, name)
-        if tenant not in current:
-            return False
-        self.store.put_json(self._doc(owner, name), {"tenants": [t for t in current if t != tenant]})
-        self.store.delete_key(f"{INBOX}/{tenant}/{owner}/{name}")
-        return True
-
-    def drop(self, owner: str, name: str) -> None:
-        """Forget every share of a deleted concept."""
-        for tenant in self.grantees(owner, name):
-            self.store.delete_key(f"{INBOX}/{tenant}/{owner}/{name}")
-        self.store.delete_key(self._doc(owner, name))
-
-    def shared_with(self, tenant: str) -> list[tuple[str, str]]:
-        """(owner, name) of concepts shared with `tenant`, checked against the authority."""
-        prefix = f"{INBOX}/{check_name(tenant, 'tenant')}"
-        out = []
-        for key in self.store.list_prefix(prefix):
-            owner, name = key.split("/")[-2:]
-            if tenant in self.grantees(owner, name):
-                out.append((owner, name))
-        return sorted(out)
+class Sharing(Grants):
+    """Who may use a concept besides its owner: one object per grant (`cluster.shares`)."""
 
 
 def split_ref(ref: str, tenant: str) -> tuple[str, str]:
@@ -107,6 +57,7 @@ class CacheStats:
     loads: int = 0
     evictions: int = 0
     revalidations: int = 0
+    stale: int = 0  # served from the cache because the store did not answer
 
 
 class ConceptCache:
@@ -119,7 +70,10 @@ class ConceptCache:
 
     def __init__(self, store: ArtifactStore, fingerprint: str | None, max_bytes: int = 256 * 2**20,
                  revalidate_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
-                 on_event: Callable[[str], None] | None = None):
+                 on_event: Callable[[str], None] | None = None,
+                 io: Callable[..., Awaitable] | None = None):
+        # io(fn, *args): how store calls run (the engine's bounded pool with timeouts; default a thread)
+        self._io = io or asyncio.to_thread
         if max_bytes < 1 or revalidate_s < 0:
             raise ValueError(f"max_bytes={max_bytes} must be >= 1 and revalidate_s={revalidate_s} >= 0")
         self.store, self.fingerprint = store, fingerprint
@@ -163,7 +117,13 @@ class ConceptCache:
 
     async def _refresh(self, key: tuple[str, str]) -> ConceptRows | None:
         owner, name = key
-        latest = await asyncio.to_thread(self.store.latest_version, owner, name)
+        entry = self._lru.get(key)
+        try:
+            latest = await self._io(self.store.latest_version, owner, name)
+        except (OSError, *access_errors()):  # the store did not answer: what we hold beats a 503
+            if entry is None:
+                raise
+            return self._stale(key, entry)
         entry = self._lru.get(key)
         if latest is None:
             self.evict(owner, name)
@@ -179,15 +139,26 @@ class ConceptCache:
             return entry.rows
         self._count("misses")
         try:
-            art = await asyncio.to_thread(self.store.get_concept, owner, name, latest, self.fingerprint)
+            art = await self._io(self.store.get_concept, owner, name, latest, self.fingerprint)
         except ConceptNotFound:  # deleted between the listing and the read
             self.evict(owner, name)
             self._mark_absent(key)
             return None
+        except (OSError, *access_errors()):
+            if entry is None:
+                raise
+            return self._stale(key, entry)
         self._count("loads")
         rows = art.rows
         self._put(key, _Entry(latest, rows, _nbytes(rows), self.clock()))
         return rows
+
+    def _stale(self, key: tuple[str, str], entry: _Entry) -> ConceptRows:
+        """The cached rows, served while the store does not answer (rechecked on the next use)."""
+        if key in self._lru:  # (it may have been evicted while the store was asked)
+            self._lru.move_to_end(key)
+        self._count("stale")
+        return entry.rows
 
     def _put(self, key: tuple[str, str], entry: _Entry) -> None:
         self.evict(*key)
@@ -229,10 +200,11 @@ class ConceptResolver:
     """A tenant's `<ref>`s -> the concept rows it may use, shown as it typed them."""
 
     def __init__(self, cache: ConceptCache, sharing: Sharing, revalidate_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, io: Callable[..., Awaitable] | None = None):
+        self._io = io or asyncio.to_thread
         self.cache, self.sharing = cache, sharing
         self.revalidate_s, self.clock = revalidate_s, clock
-        self._grants: dict[tuple[str, str], tuple[frozenset, float]] = {}
+        self._grants: dict[tuple[str, str, str], tuple[bool, float]] = {}
 
     async def resolve(self, tenant: str, refs: list[str]) -> list[ConceptRows]:
         found = await asyncio.gather(*(self._one(tenant, r) for r in refs))
@@ -240,7 +212,7 @@ class ConceptResolver:
 
     async def _one(self, tenant: str, ref: str) -> ConceptRows | None:
         owner, name = split_ref(ref, tenant)
-        if owner != tenant and tenant not in await self._grantees(owner, name):
+        if owner != tenant and not await self._allowed(owner, name, tenant):
             return None
         try:
             rows = await self.cache.get(owner, name)
@@ -251,13 +223,13 @@ class ConceptResolver:
         display = ref if "/" in ref else None
         return ConceptRows(ConceptTokens(name, rows.tokens.num_latent, display=display), rows.embed, rows.head)
 
-    async def _grantees(self, owner: str, name: str) -> frozenset:
-        key = (owner, name)
+    async def _allowed(self, owner: str, name: str, tenant: str) -> bool:
+        key = (owner, name, tenant)
         hit = self._grants.get(key)
         if hit is not None and self.clock() - hit[1] < self.revalidate_s:
             return hit[0]
-        tenants = frozenset(await asyncio.to_thread(self.sharing.grantees, owner, name))
+        allowed = await self._io(self.sharing.allowed, owner, name, tenant)
         if len(self._grants) > 10_000:
             self._grants.clear()
-        self._grants[key] = (tenants, self.clock())
-        return tenants
+        self._grants[key] = (allowed, self.clock())
+        return allowed

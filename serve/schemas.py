@@ -1,7 +1,12 @@
 """OpenAI chat-completions request and response models, and their conversion to a `Chat`.
 
 Requests are strict: unknown fields and wrong types are refused (400), not
-coerced. The fields accepted are the ones the official `openai` client sends
+coerced. Every list and string has a length bound here, so validation work is
+bounded whatever the body holds (the configurable, usually lower, bounds are
+`serve.limits.Limits`; `check_raw` applies the message count before this model
+validates anything). `seed` fits a 64-bit generator (0..2^63-1) and a
+temperature is 0 (greedy) or at least `MIN_TEMPERATURE`, below which scores
+divided by it overflow. The fields accepted are the ones the official `openai` client sends
 for the features served; everything else (tools, logprobs, n>1...) is an
 unknown or unsupported field, named in the error.
 """
@@ -15,6 +20,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from yollava.generate import MAX_SEED, MIN_TEMPERATURE
 from yollava.prompt import Message
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
@@ -22,17 +28,23 @@ _STRICT = ConfigDict(extra="forbid", strict=True)
 MAX_STOPS = 4
 MAX_STOP_CHARS = 64
 MAX_USER_CHARS = 256
+# Ceilings of the schema itself, whatever the config says (it can only lower them).
+MAX_MESSAGES = 1024
+MAX_PARTS = 64  # content parts of one message
+MAX_TEXT_CHARS = 2**20  # one text (Limits.max_text_chars bounds all text of a request)
+MAX_URL_CHARS = 48 * 2**20  # one data URL (Limits.max_image_bytes bounds what it decodes to)
+MAX_NAME_CHARS = 256
 
 
 class TextPart(BaseModel):
     model_config = _STRICT
     type: Literal["text"]
-    text: str
+    text: str = Field(max_length=MAX_TEXT_CHARS)
 
 
 class ImageURL(BaseModel):
     model_config = _STRICT
-    url: str
+    url: str = Field(max_length=MAX_URL_CHARS)
     detail: Literal["auto", "low", "high"] | None = None
 
 
@@ -49,7 +61,17 @@ class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
-    name: str | None = None
+    name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_size(cls, v):
+        """Before the parts are validated one by one (a wrong type is left to the type check)."""
+        if isinstance(v, list) and len(v) > MAX_PARTS:
+            raise ValueError(f"{len(v)} content parts; at most {MAX_PARTS}")
+        if isinstance(v, str) and len(v) > MAX_TEXT_CHARS:
+            raise ValueError(f"{len(v)} characters; at most {MAX_TEXT_CHARS}")
+        return v
 
 
 class StreamOptions(BaseModel):
@@ -59,8 +81,8 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     model_config = _STRICT
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
+    model: str = Field(max_length=MAX_NAME_CHARS)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -69,7 +91,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     n: int = 1
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
 
     @field_validator("n")
@@ -79,13 +101,21 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("only n=1 is supported")
         return v
 
-    @field_validator("stop")
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_floor(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"temperature={v!r} is below {MIN_TEMPERATURE}: use 0 for greedy decoding")
+        return v
+
+    @field_validator("stop", mode="before")
     @classmethod
     def _stops(cls, v):
-        stops = [v] if isinstance(v, str) else (v or [])
+        """Counted before the items are validated (a wrong type is left to the type check)."""
+        stops = [v] if isinstance(v, str) else v if isinstance(v, list) else []
         if len(stops) > MAX_STOPS:
             raise ValueError(f"{len(stops)} stop strings; at most {MAX_STOPS}")
-        if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        if any(isinstance(s, str) and not 1 <= len(s) <= MAX_STOP_CHARS for s in stops):
             raise ValueError(f"stop strings must be 1-{MAX_STOP_CHARS} characters")
         return v
 
@@ -108,6 +138,7 @@ class Chat:
     seed: int | None = None
     request_id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
+    stream: bool = True  # False: the text comes in one piece at the end (nothing to send before)
 
 
 class RequestError(ValueError):

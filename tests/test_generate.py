@@ -1,8 +1,14 @@
+"""Generation: batched == one by one, and under churn (rows joining, leaving, failing) every answer
+is its solo answer; streaming adds up; incremental text equals the whole decode."""
+
+import random
+
 import pytest
 
 from tests.conftest import random_photo, random_rows
-from yollava.generate import GenerationRequest, Generator, SamplingParams
-from yollava.prompt import Message
+from yollava.generate import (MAX_SEED, MIN_TEMPERATURE, GenerationRequest, Generator, IncrementalText, RowError,
+                              SamplingParams)
+from yollava.prompt import Message, PromptEncoder
 
 
 def _requests(tiny):
@@ -104,3 +110,209 @@ def test_bad_sampling_params(bad):
 def test_photo_count_must_match(tiny):
     with pytest.raises(ValueError, match="1 photo"):
         Generator(tiny).generate([GenerationRequest([Message("user", "hi", 1)], [], [])])
+
+
+# -- continuous batching: rows join and leave between steps ------------------------------------
+
+def _churn_requests(tiny, n, rng):
+    """Random prompts, concepts, photos, lengths; greedy and seeded rows; some with stop strings."""
+    names = ["bo", "mam", "kit", "rex"]
+    rows = {nm: random_rows(tiny, nm, seed=20 + i, scale=3) for i, nm in enumerate(names)}
+    words = ["Describe", "Is", "in the photo", "and", "please", "what colour", "tell me", "a mug", "?"]
+    reqs = []
+    for i in range(n):
+        cs = rng.sample(names, rng.randint(0, 2))
+        photos = rng.randint(0, 1)
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(2, 12 if i % 3 else 30)))
+        text += "".join(f" <{c}>" for c in cs)
+        sampled = i % 2 == 1
+        params = SamplingParams(max_new_tokens=rng.randint(1, 24), temperature=0.8 if sampled else 0.0,
+                                top_p=0.9 if sampled else 1.0, seed=rng.randint(0, MAX_SEED) if sampled else None,
+                                stop=("e t",) if i % 5 == 4 else ())
+        reqs.append(GenerationRequest([Message("user", text, photos)], [rows[c] for c in cs],
+                                      [random_photo(100 + i)] * photos, params))
+    return reqs
+
+
+def _poisoned(tiny):
+    bad = random_rows(tiny, "bad", seed=99)
+    bad.embed[:] = float("nan")  # a damaged concept: NaN in its rows
+    return GenerationRequest([Message("user", "Tell me about <bad>.")], [bad], [],
+                             SamplingParams(max_new_tokens=10))
+
+
+def _drive(dec, reqs, rng, cancel_p=0.0, extra=()):
+    """Admit requests at random steps, cancel some at random; every event per key, in order."""
+    waiting = list(range(len(reqs)))
+    rng.shuffle(waiting)
+    extra = list(extra)
+    events: dict = {}
+    cancelled: set = set()
+    steps = 0
+    while waiting or extra or len(dec):
+        newcomers = {}
+        for _ in range(rng.choice([0, 0, 1, 1, 2, 3])):
+            if waiting:
+                k = waiting.pop()
+                newcomers[k] = reqs[k]
+        if extra and steps == 3:
+            k, req = extra.pop()
+            newcomers[k] = req
+        for key, kind, value in dec.admit(newcomers) if newcomers else []:
+            events.setdefault(key, []).append((kind, value))
+        for key in [k for k in list(dec._rows) if k not in cancelled]:
+            if rng.random() < cancel_p:
+                dec.cancel(key)
+                cancelled.add(key)
+        for key, kind, value in dec.step():
+            assert key not in cancelled, f"row {key} got {kind!r} after its cancel"
+            events.setdefault(key, []).append((kind, value))
+        steps += 1
+        assert steps < 2000
+    return events, cancelled
+
+
+def _check_stream(evs):
+    """Deltas, then exactly one done: nothing after it, the deltas add up to its text."""
+    kinds = [k for k, _ in evs]
+    assert kinds.count("done") == 1 and kinds[-1] == "done" and "error" not in kinds, kinds
+    text = "".join(v for k, v in evs if k == "delta")
+    assert all(v for k, v in evs if k == "delta")  # no empty deltas
+    assert text == evs[-1][1].text  # no delta twice, none missing
+    return evs[-1][1]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_churn_keeps_every_answer_and_isolates_the_poisoned_row(tiny, seed):
+    """Random arrivals, lengths and cancellations, one poisoned row: every surviving request's
+    answer (greedy and seeded) is its solo answer, the poisoned row alone gets an error, a cancelled
+    row gets no more text, and no text is delivered twice."""
+    rng = random.Random(seed)
+    gen = Generator(tiny)
+    reqs = _churn_requests(tiny, 14, rng)
+    solo = [gen.generate([r])[0] for r in reqs]
+    events, cancelled = _drive(gen.decoder(), reqs, rng, cancel_p=0.03, extra=[("poison", _poisoned(tiny))])
+    (kind, err), = events["poison"]
+    assert kind == "error" and isinstance(err, RowError) and "NaN" in str(err)
+    assert cancelled and len(cancelled) < len(reqs) - 4  # the schedule cancels some, not most
+    for i, (req, ref) in enumerate(zip(reqs, solo)):
+        evs = events.get(i, [])
+        if i in cancelled:
+            assert "error" not in [k for k, _ in evs]
+            sent = "".join(v for k, v in evs if k == "delta")
+            assert ref.text.startswith(sent)  # what it got before the cancel is its own answer
+            continue
+        res = _check_stream(evs)
+        assert (res.token_ids, res.text, res.finish_reason, res.prompt_tokens) == \
+            (ref.token_ids, ref.text, ref.finish_reason, ref.prompt_tokens), i
+    assert any(r.params.temperature > 0 and i not in cancelled for i, r in enumerate(reqs))
+
+
+def test_a_row_whose_forward_raises_fails_alone(tiny):
+    """An exception inside the model for one row's inputs (here: at one position only that row
+    reaches) fails that row; the step is rerun on halves and the others keep their solo answers."""
+    gen = Generator(tiny)
+    rng = random.Random(5)
+    reqs = _churn_requests(tiny, 6, rng)
+    solo = [gen.generate([r])[0] for r in reqs]
+    longest = max(len(gen.encode(r)) + r.params.max_new_tokens for r in reqs)
+    long_req = GenerationRequest([Message("user", "Describe the photo please. " * 20)], [], [],
+                                 SamplingParams(max_new_tokens=8))
+    trap = len(gen.encode(long_req)) + 2  # the position of its third generated token
+    assert trap > longest + 2  # no other row ever reaches it
+
+    def hook(module, args, kwargs):
+        pos = kwargs.get("position_ids")
+        if pos is not None and pos.shape[1] == 1 and bool((pos == trap).any()):
+            raise RuntimeError(f"simulated kernel failure at position {trap}")
+
+    handle = tiny.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        dec = gen.decoder()
+        events: dict = {}
+        for key, kind, value in dec.admit({**dict(enumerate(reqs)), "long": long_req}):
+            events.setdefault(key, []).append((kind, value))
+        while len(dec):
+            for key, kind, value in dec.step():
+                events.setdefault(key, []).append((kind, value))
+    finally:
+        handle.remove()
+    kinds = [k for k, _ in events["long"]]
+    assert kinds[-1] == "error" and "done" not in kinds and "simulated kernel failure" in str(events["long"][-1][1])
+    assert "".join(v for k, v in events["long"] if k == "delta") == \
+        gen.generate([long_req])[0].text[:len("".join(v for k, v in events["long"] if k == "delta"))]
+    for i, ref in enumerate(solo):
+        assert _check_stream(events[i]).token_ids == ref.token_ids
+
+
+def test_kv_cache_holds_only_live_rows(tiny):
+    """Retired rows leave the cache, and columns only they used are cut off."""
+    gen = Generator(tiny)
+    long_req = GenerationRequest([Message("user", "Describe the photo please. " * 10)], [], [],
+                                 SamplingParams(max_new_tokens=2))
+    short = GenerationRequest([Message("user", "hi")], [], [], SamplingParams(max_new_tokens=30))
+    dec = gen.decoder()
+    dec.admit({"long": long_req, "short": short})
+    assert len(dec) == 2 and dec.kv_tokens == 2 * len(gen.encode(long_req))
+    assert dec.kv_bound() == 2 * max(len(gen.encode(long_req)) + 2, len(gen.encode(short)) + 30)
+    for _ in range(3):
+        dec.step()
+    assert len(dec) == 1 and "long" not in dec
+    assert dec.kv_tokens == len(gen.encode(short)) + 3  # the long row's padding is gone
+
+
+def test_incremental_text_equals_whole_decode(tiny):
+    """Pieces pushed token by token add up to PromptEncoder.decode of all ids, for random ids
+    with multi-byte characters, special tokens and concept identifiers (latents never appear)."""
+    from tests.real_vocab import llava15_backbone
+
+    for bb in (tiny, llava15_backbone()):
+        enc = PromptEncoder.for_backbone(bb)
+        bo = random_rows(bb, "bo", k=2).tokens
+        V, n = bb.vocab_size, len(bb.tokenizer)
+        rng = random.Random(3)
+        samples = [bb.tokenizer("héllo wörld — ☃ 猫 ok", add_special_tokens=False)["input_ids"]]
+        for _ in range(40):
+            ids = [rng.randrange(n) for _ in range(rng.randint(1, 30))]
+            for _ in range(rng.randint(0, 3)):
+                ids.insert(rng.randrange(len(ids) + 1), V)  # <bo>'s identifier
+            samples.append(ids)
+        for ids in samples:
+            inc = IncrementalText(enc, [bo])
+            whole, out = enc.decode(ids, [bo]), ""
+            for j in range(1, len(ids) + 1):
+                out += inc.push(ids[:j], final=j == len(ids))
+                assert whole.startswith(out), (ids, j, out)  # nothing sent is ever taken back
+            assert out == whole, ids
+
+
+@pytest.mark.parametrize("bad, words", [(dict(temperature=1e-300), "temperature=1e-300"),
+                                        (dict(seed=2**64), "seed=18446744073709551616"),
+                                        (dict(seed=-1), "seed=-1")])
+def test_sampling_params_refuse_what_would_break_a_row(bad, words):
+    with pytest.raises(ValueError, match=words):
+        SamplingParams(**bad)
+    SamplingParams(temperature=MIN_TEMPERATURE, seed=MAX_SEED)  # the bounds themselves are fine
+
+
+def test_unstreamed_rows_decode_once_with_the_same_text(tiny):
+    """stream=False: no text before the end, then all of it in one piece, the same as streamed
+    (stop strings still cut at the same place: those rows are decoded every step)."""
+    from dataclasses import replace
+
+    gen = Generator(tiny)
+    reqs = _churn_requests(tiny, 10, random.Random(8))
+    streamed = gen.generate(reqs)
+    dec = gen.decoder()
+    events: dict = {}
+    for key, kind, value in dec.admit({i: replace(r, stream=False) for i, r in enumerate(reqs)}):
+        events.setdefault(key, []).append((kind, value))
+    while len(dec):
+        for key, kind, value in dec.step():
+            events.setdefault(key, []).append((kind, value))
+    for i, (req, ref) in enumerate(zip(reqs, streamed)):
+        evs = events[i]
+        if not req.params.stop:
+            assert [k for k, _ in evs] == (["delta", "done"] if ref.text else ["done"])
+        assert _check_stream(evs).text == ref.text and evs[-1][1].token_ids == ref.token_ids
+    assert any(r.params.stop for r in reqs)

@@ -1,22 +1,48 @@
-"""Batched decoding with a KV cache and per-sequence concepts and photos.
+"""Batched decoding with a KV cache and per-sequence concepts and photos, step by step.
 
-Each request brings its own messages, concepts, photos and sampling settings;
-all are decoded together, left-padded, one forward pass per new token. Latent
+`Decoder` is continuous batching: `admit` prefills newcomers (together,
+left-padded) and joins their KV cache to the running batch; `step` gives every
+live row one token and retires rows that finished, failed or were cancelled.
+The batch's cache is one left-padded tensor per layer: newcomers are padded to
+the running width (or the running rows to theirs) and concatenated along the
+batch dimension, retired rows are selected out and columns no row needs any
+more are cut off (TGI's layout before paged attention; ADR 002 has the
+measurement against per-row caches stacked every step).
+
+Each request brings its own messages, concepts, photos and sampling settings.
+A row's tokens depend only on its own inputs: its concept table and columns
+are its own, padding is masked, its seeded sampler draws only for it; so a
+request's answer is the same whoever joins or leaves around it. A row that
+fails (NaN scores, a bad photo, an error inside the model for its inputs)
+fails alone: the step is retried on halves of the batch to find it. Latent
 concept tokens are never generated; identifiers may be, and decode to `<name>`.
+Text is detokenized incrementally (a short window per step, not the whole
+answer again).
+
+`Generator.generate` is the one-shot form: admit everything, step until done.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Hashable, Literal, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from yollava.backbone import Backbone
 from yollava.batching import pad
 from yollava.concept_model import ConceptLM, ConceptRows, ConceptTable, positions_from_mask
 from yollava.prompt import Encoded, Message, PromptEncoder
+from yollava.tokens import ConceptTokens
+
+log = logging.getLogger(__name__)
+
+MIN_TEMPERATURE = 1e-4  # below this (but above 0) logits / temperature overflows float32 scores
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -32,10 +58,14 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature={self.temperature} must be 0 (greedy) or >= {MIN_TEMPERATURE}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed={self.seed} must be in 0..{MAX_SEED}")
 
 
 @dataclass
@@ -44,6 +74,9 @@ class GenerationRequest:
     concepts: list[ConceptRows] = field(default_factory=list)
     images: list = field(default_factory=list)  # PIL images, in the order the turns use them
     params: SamplingParams = field(default_factory=SamplingParams)
+    # False: nobody reads the text before the end, so it is decoded once when the row ends (one
+    # "delta" with all of it), unless stop strings need it at every step.
+    stream: bool = True
 
 
 @dataclass
@@ -54,76 +87,296 @@ class GenerationResult:
     prompt_tokens: int
 
 
+class RowError(RuntimeError):
+    """One request failed while the others in its batch went on; the message says why."""
+
+
 DeltaCallback = Callable[[int, str], None]  # (request index, new text)
+# (request key, "delta" | "done" | "error", new text | GenerationResult | the exception)
+Event = tuple[Hashable, str, object]
+
+
+class IncrementalText:
+    """The text of a growing list of ids, a few tokens decoded per step (vLLM's and TGI's offsets).
+
+    `push(ids)` returns the text the newest ids added: it decodes the window
+    from the previous read offset on and keeps what lies past the text of the
+    window's first part, holding back a character still incomplete (a trailing
+    U+FFFD) until its last byte arrives; `final=True` releases everything. The
+    pieces add up to `PromptEncoder.decode(ids)` (a test checks it on both test
+    tokenizers); a decoder for which a window's text is not a prefix of the
+    next window's raises RowError rather than send text that would differ.
+    """
+
+    def __init__(self, encoder: PromptEncoder, concepts: Sequence[ConceptTokens]):
+        self.encoder, self.concepts = encoder, list(concepts)
+        self.prefix = self.read = 0
+        self.prefix_text = ""
+
+    def push(self, ids: Sequence[int], final: bool = False) -> str:
+        text = self.encoder.decode(ids[self.prefix:], self.concepts)
+        if not text.startswith(self.prefix_text):
+            raise RowError(f"the tokenizer does not decode incrementally: ids {list(ids[self.prefix:])} "
+                           f"decode to {text!r}, which does not extend {self.prefix_text!r}")
+        if len(text) < len(self.prefix_text) or (text.endswith("\ufffd") and not final):
+            return ""
+        new = text[len(self.prefix_text):]
+        self.prefix, self.read = self.read, len(ids)
+        self.prefix_text = self.encoder.decode(ids[self.prefix:self.read], self.concepts)
+        return new
 
 
 class _Row:
     """Decoding state of one request."""
 
-    def __init__(self, enc: Encoded, params: SamplingParams, device):
-        self.enc, self.params = enc, params
+    def __init__(self, key: Hashable, req: GenerationRequest, enc: Encoded, encoder: PromptEncoder, device):
+        self.key, self.req, self.enc, self.params = key, req, enc, req.params
+        self.tokens = [c.tokens for c in req.concepts]
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
         self.finish: str | None = None
+        self.cancelled = False
+        self.detok = IncrementalText(encoder, self.tokens)
+        self.hold = max((len(s) - 1 for s in self.params.stop), default=0)
+        self.text_each_step = req.stream or bool(self.params.stop)
         self.gen = None
-        if params.temperature > 0:
+        if self.params.temperature > 0:
             self.gen = torch.Generator(device=device)
-            self.gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+            self.gen.manual_seed(self.params.seed if self.params.seed is not None else torch.seed())
 
-    def stable_len(self) -> int:
-        """Text that no stop string can still claim and no split character can change."""
-        hold = max((len(s) - 1 for s in self.params.stop), default=0)
-        n = len(self.text) - hold
-        while n > 0 and self.text[n - 1] == "\ufffd":
-            n -= 1
-        return max(n, self.emitted)
+    @property
+    def reserve(self) -> int:
+        """The most tokens this row's cache can ever hold: prompt + max_new_tokens."""
+        return len(self.enc) + self.params.max_new_tokens
 
 
-class Generator:
-    def __init__(self, backbone: Backbone, encoder: PromptEncoder | None = None):
-        self.backbone = backbone
-        self.lm = ConceptLM(backbone)
-        self.encoder = encoder or PromptEncoder.for_backbone(backbone)
+@dataclass
+class _Batch:
+    """Live rows and their cache: functional (select and join build new batches)."""
 
-    def encode(self, req: GenerationRequest) -> Encoded:
-        enc = self.encoder.encode(req.messages, [c.tokens for c in req.concepts])
-        if enc.num_images != len(req.images):
-            raise ValueError(f"the messages hold {enc.num_images} photo(s) but {len(req.images)} were given")
-        return enc
+    rows: list[_Row]
+    kv: list[tuple[Tensor, Tensor]]  # per layer: keys, values (B, H, T, D), left-padded
+    mask: Tensor  # (B, T) 1 = a real token
+    pos: Tensor  # (B, 1) position of each row's last token
+    h: Tensor  # (B, d) hidden state at each row's last token: the next token's scores come from it
+    table: ConceptTable  # (B, S, d) each row's own concept rows
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+
+def _select(b: _Batch | None, idx: Sequence[int]) -> _Batch | None:
+    """Rows `idx` of `b` (None if none); columns no kept row uses any more are cut off the left."""
+    if b is None or not idx:
+        return None
+    if list(idx) == list(range(len(b.rows))):
+        return b
+    i = torch.tensor(list(idx), device=b.mask.device)
+    mask = b.mask[i]  # (n, T)
+    first = int(mask.any(0).int().argmax())  # the first column some kept row uses
+    kv = [(k[i, :, first:], v[i, :, first:]) for k, v in b.kv]  # (n, H, T - first, D)
+    return _Batch([b.rows[j] for j in idx], kv, mask[:, first:], b.pos[i], b.h[i], b.table.select(i))
+
+
+def _pad_left(t: Tensor, n: int, dim: int) -> Tensor:
+    """`n` zero columns before `t` along `dim` (a negative dim)."""
+    if n == 0:
+        return t
+    widths = [0, 0] * (-dim - 1) + [n, 0]
+    return F.pad(t, widths)
+
+
+def _join_tables(a: ConceptTable, b: ConceptTable) -> ConceptTable:
+    S = max(a.num_slots, b.num_slots)
+
+    def slots(t: ConceptTable) -> ConceptTable:
+        n = S - t.num_slots
+        if n == 0:
+            return t
+        return ConceptTable(F.pad(t.embed, (0, 0, 0, n)), F.pad(t.head, (0, 0, 0, n)),  # (B, S, d)
+                            F.pad(t.valid, (0, n)), F.pad(t.generatable, (0, n)))  # (B, S), padded False
+
+    a, b = slots(a), slots(b)
+    return ConceptTable(torch.cat([a.embed, b.embed]), torch.cat([a.head, b.head]),
+                        torch.cat([a.valid, b.valid]), torch.cat([a.generatable, b.generatable]))
+
+
+def _join(a: _Batch | None, b: _Batch | None) -> _Batch | None:
+    """`a`'s rows then `b`'s, left-padded to the wider of the two."""
+    if a is None or b is None:
+        return a if b is None else b
+    T = max(a.width, b.width)
+    pa, pb = T - a.width, T - b.width
+    kv = [(torch.cat([_pad_left(ka, pa, -2), _pad_left(kb, pb, -2)]),  # (Ba + Bb, H, T, D)
+           torch.cat([_pad_left(va, pa, -2), _pad_left(vb, pb, -2)]))
+          for (ka, va), (kb, vb) in zip(a.kv, b.kv)]
+    mask = torch.cat([_pad_left(a.mask, pa, -1), _pad_left(b.mask, pb, -1)])  # (Ba + Bb, T)
+    return _Batch(a.rows + b.rows, kv, mask, torch.cat([a.pos, b.pos]), torch.cat([a.h, b.h]),
+                  _join_tables(a.table, b.table))
+
+
+def _cache(kv: Sequence[tuple[Tensor, Tensor]]) -> DynamicCache:
+    """A fresh DynamicCache over these tensors (no copy): the model appends to it, `kv` stays as it was."""
+    cache = DynamicCache()
+    for k, v in kv:
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
+
+
+class Decoder:
+    """Continuous batching over one `Generator`: rows join (`admit`) and leave (`step`, `cancel`)
+    between steps. Not thread-safe: one thread drives it."""
+
+    def __init__(self, generator: "Generator"):
+        self.g = generator
+        self.bb, self.lm = generator.backbone, generator.lm
+        self._batch: _Batch | None = None
+        self._rows: dict[Hashable, _Row] = {}
+
+    # -- what the scheduler reads
+
+    def __len__(self) -> int:
+        return 0 if self._batch is None else len(self._batch.rows)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._rows
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens the cache holds now, padding included (rows x width)."""
+        b = self._batch
+        return 0 if b is None else len(b.rows) * b.width
+
+    def kv_bound(self, reserves: Sequence[int] = ()) -> int:
+        """The most tokens the padded cache can reach with the live rows plus rows reserving `reserves`
+        (prompt + max_new_tokens each): every row padded to the longest reservation."""
+        all_ = [r.reserve for r in self._rows.values()] + list(reserves)
+        return len(all_) * max(all_, default=0)
+
+    def cancel(self, key: Hashable) -> None:
+        """Retire a row at the next step (nothing more is sent for it)."""
+        row = self._rows.get(key)
+        if row is not None:
+            row.cancelled = True
+
+    # -- admission
 
     @torch.no_grad()
-    def generate(self, requests: Sequence[GenerationRequest],
-                 on_delta: DeltaCallback | None = None) -> list[GenerationResult]:
-        bb, dev = self.backbone, self.backbone.device
-        encs = [self.encode(r) for r in requests]
-        rows = [_Row(e, r.params, dev) for e, r in zip(encs, requests)]
-        batch = pad(encs, side="left", pad_id=bb.tokenizer.pad_token_id or 0, device=dev)
-        ids, mask, image_mask = batch.ids, batch.mask, batch.image_mask
-        photos = [im for r in requests for im in r.images]
-        feats = bb.image_features(bb.preprocess(photos)) if photos else None  # (N, n_img, d)
-        table = ConceptTable.build([r.concepts for r in requests], bb.hidden_size, bb.dtype, dev)
-        latent = table.valid & ~table.generatable  # (B, S)
+    def admit(self, requests: Mapping[Hashable, GenerationRequest],
+              encoded: Mapping[Hashable, Encoded] | None = None) -> list[Event]:
+        """Prefill newcomers together and join them to the batch; their first token comes at the
+        next `step`. A request that cannot be encoded or prefilled gets an "error" event."""
+        events: list[Event] = []
+        rows = []
+        for key, req in requests.items():
+            if key in self._rows:
+                raise ValueError(f"request key {key!r} is already decoding")
+            enc = (encoded or {}).get(key)
+            if enc is None:
+                try:
+                    enc = self.g.encode(req)
+                except ValueError as e:
+                    events.append((key, "error", e))
+                    continue
+            rows.append(_Row(key, req, enc, self.g.encoder, self.bb.device))
+        new = self._isolating(self._prefill, rows, events) if rows else None
+        if new is not None:
+            for row in new.rows:
+                row.req = None  # photos and concept rows are in the cache and table now
+                self._rows[row.key] = row
+            self._batch = _join(self._batch, new)
+        return events
 
-        x = self.lm.embed(ids, table, feats, image_mask)
-        h, cache = self.lm.hidden(x, mask, use_cache=True)
-        pos = positions_from_mask(mask)[:, -1:]  # (B, 1)
-        for step in range(max(r.params.max_new_tokens for r in rows)):
-            logits = self.lm.logits(h[:, -1:], table)[:, 0].float()  # (B, V + S)
-            logits[:, self.lm.V:] = logits[:, self.lm.V:].masked_fill(latent, float("-inf"))
-            width = (self.lm.V + table.valid.sum(1)).tolist()  # this row's own columns
-            nxt = [self._choose(logits[b, :width[b]], row) if row.finish is None
-                   else bb.tokenizer.pad_token_id or 0 for b, row in enumerate(rows)]
-            for b, row in enumerate(rows):
-                if row.finish is None:
-                    self._advance(b, row, nxt[b], requests[b], on_delta)
-            if all(r.finish is not None for r in rows):
-                break
-            step_ids = torch.tensor(nxt, device=dev).unsqueeze(1)  # (B, 1)
-            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
-            pos = pos + 1
-            h, cache = self.lm.hidden(self.lm.embed(step_ids, table), mask, pos, cache, use_cache=True)
-        return [GenerationResult(r.text, r.ids, r.finish or "length", len(r.enc)) for r in rows]
+    def _prefill(self, rows: list[_Row]) -> _Batch:
+        bb, dev = self.bb, self.bb.device
+        batch = pad([r.enc for r in rows], side="left", pad_id=bb.tokenizer.pad_token_id or 0, device=dev)
+        photos = [im for r in rows for im in r.req.images]
+        feats = bb.image_features(bb.preprocess(photos)) if photos else None  # (N, n_img, d)
+        table = ConceptTable.build([r.req.concepts for r in rows], bb.hidden_size, bb.dtype, dev)
+        x = self.lm.embed(batch.ids, table, feats, batch.image_mask)  # (n, T, d)
+        h, cache = self.lm.hidden(x, batch.mask, use_cache=True)
+        pos = positions_from_mask(batch.mask)[:, -1:]  # (n, 1)
+        return _Batch(list(rows), [(l.keys, l.values) for l in cache.layers], batch.mask, pos, h[:, -1], table)
+
+    # -- one step
+
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        """One token for every live row; finished, failed and cancelled rows leave the batch."""
+        events: list[Event] = []
+        b = self._batch
+        if b is None:
+            return events
+        for row in b.rows:
+            if row.cancelled:
+                self._rows.pop(row.key, None)
+        b = _select(b, [i for i, r in enumerate(b.rows) if not r.cancelled])
+        if b is None:
+            self._batch = None
+            return events
+        V = self.lm.V
+        logits = self.lm.logits(b.h.unsqueeze(1), b.table)[:, 0].float()  # (B, V + S)
+        latent = b.table.valid & ~b.table.generatable  # (B, S)
+        logits[:, V:] = logits[:, V:].masked_fill(latent, float("-inf"))
+        logits[:, self.g.tokens:V] = float("-inf")
+        broken = torch.isnan(logits).any(-1).tolist()  # (B,)
+        width = (V + b.table.valid.sum(1)).tolist()  # each row's own columns
+        # Greedy rows at once: the other rows' columns are -inf in this row, so the argmax over all
+        # columns is the argmax over its own (the first maximum either way).
+        greedy = logits.argmax(-1).tolist()  # (B,)
+        nxt: list[int] = []
+        for i, row in enumerate(b.rows):
+            try:
+                if broken[i]:
+                    raise RowError("the model produced NaN scores for this request "
+                                   "(a damaged concept or photo?)")
+                token = greedy[i] if row.params.temperature == 0 else self._choose(logits[i, :width[i]], row)
+                nxt.append(token)
+                self._advance(row, token, events)
+            except RowError as e:
+                nxt.append(0)
+                self._fail(row, e, events)
+        chosen = {row.key: token for row, token in zip(b.rows, nxt) if row.finish is None}
+        b = _select(b, [i for i, r in enumerate(b.rows) if r.finish is None])
+        self._batch = self._isolating(lambda rows, full=b: self._forward(full, rows, chosen),
+                                      b.rows, events) if b is not None else None
+        return events
+
+    def _forward(self, full: _Batch, rows: list[_Row], chosen: Mapping[Hashable, int]) -> _Batch:
+        """Feed each row its chosen token; `rows` may be a part of `full` (when isolating a failure)."""
+        b = full if len(rows) == len(full.rows) else _select(full, [full.rows.index(r) for r in rows])
+        ids = torch.tensor([chosen[r.key] for r in b.rows], device=b.mask.device).unsqueeze(1)  # (B, 1)
+        mask = torch.cat([b.mask, torch.ones_like(ids)], dim=1)  # (B, T + 1)
+        pos = b.pos + 1
+        h, cache = self.lm.hidden(self.lm.embed(ids, b.table), mask, pos, _cache(b.kv), use_cache=True)
+        return _Batch(b.rows, [(l.keys, l.values) for l in cache.layers], mask, pos, h[:, -1], b.table)
+
+    def _isolating(self, run: Callable[[list[_Row]], _Batch], rows: list[_Row],
+                   events: list[Event]) -> _Batch | None:
+        """`run(rows)`; if it raises, run halves so only the row(s) that fail alone fail.
+
+        Broad on purpose: whatever the model raises for some input must fail that input's row,
+        never its neighbours; the error goes to the row's caller (and the log), not into a default.
+        """
+        try:
+            return run(rows)
+        except Exception as e:
+            if len(rows) == 1:
+                self._fail(rows[0], e, events)
+                return None
+            log.warning("a batch of %d rows failed (%r); running halves to find the failing row", len(rows), e)
+            half = len(rows) // 2
+            return _join(self._isolating(run, rows[:half], events), self._isolating(run, rows[half:], events))
+
+    def _fail(self, row: _Row, error: Exception, events: list[Event]) -> None:
+        row.finish = "error"
+        self._rows.pop(row.key, None)
+        events.append((row.key, "error", error))
 
     @staticmethod
     def _choose(logits: Tensor, row: _Row) -> int:
@@ -136,25 +389,75 @@ class Generator:
         if p.temperature == 0:
             return int(logits.argmax())
         probs = torch.softmax(logits / p.temperature, dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            raise RowError(f"temperature={p.temperature} gives non-finite probabilities for this request")
         if p.top_p < 1:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # smallest set reaching top_p
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=row.gen))
 
-    def _advance(self, b: int, row: _Row, token: int, req: GenerationRequest,
-                 on_delta: DeltaCallback | None) -> None:
-        if token == self.backbone.tokenizer.eos_token_id:
+    def _advance(self, row: _Row, token: int, events: list[Event]) -> None:
+        before = len(row.text)
+        if token == self.bb.tokenizer.eos_token_id:
             row.finish = "stop"
+            row.text += row.detok.push(row.ids, final=True)
         else:
             row.ids.append(token)
-            row.text = self.encoder.decode(row.ids, [c.tokens for c in req.concepts])
-            hits = [i for i in (row.text.find(s) for s in row.params.stop) if i >= 0]
+            last = len(row.ids) >= row.params.max_new_tokens
+            if row.text_each_step or last:
+                row.text += row.detok.push(row.ids, final=last)
+            if last:
+                row.finish = "length"
+        if row.params.stop:  # only the new text, and what a stop string can reach back into
+            start = max(0, before - row.hold)
+            hits = [i for i in (row.text.find(s, start) for s in row.params.stop) if i >= 0]
             if hits:
                 row.text, row.finish = row.text[:min(hits)], "stop"
-            elif len(row.ids) >= row.params.max_new_tokens:
-                row.finish = "length"
-        end = len(row.text) if row.finish else row.stable_len()
-        if on_delta and end > row.emitted:
-            on_delta(b, row.text[row.emitted:end])
-        row.emitted = max(row.emitted, end)
+        end = len(row.text) if row.finish else max(len(row.text) - row.hold, row.emitted)
+        if end > row.emitted:
+            events.append((row.key, "delta", row.text[row.emitted:end]))
+            row.emitted = end
+        if row.finish:
+            self._rows.pop(row.key, None)
+            events.append((row.key, "done", GenerationResult(row.text, row.ids, row.finish, len(row.enc))))
+
+
+class Generator:
+    def __init__(self, backbone: Backbone, encoder: PromptEncoder | None = None):
+        self.backbone = backbone
+        self.lm = ConceptLM(backbone)
+        self.encoder = encoder or PromptEncoder.for_backbone(backbone)
+        # Rows past the tokenizer (LLaVA-1.5's 32,002 tokens padded to 32,064 rows) are no token:
+        # never generated, as in the reference, whose resize to len(tokenizer) drops them.
+        self.tokens = min(len(backbone.tokenizer), self.lm.V)
+
+    def encode(self, req: GenerationRequest) -> Encoded:
+        enc = self.encoder.encode(req.messages, [c.tokens for c in req.concepts])
+        if enc.num_images != len(req.images):
+            raise ValueError(f"the messages hold {enc.num_images} photo(s) but {len(req.images)} were given")
+        return enc
+
+    def decoder(self) -> Decoder:
+        return Decoder(self)
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenerationRequest],
+                 on_delta: DeltaCallback | None = None) -> list[GenerationResult]:
+        """All requests at once, stepped until every one ends; raises the first request's error."""
+        dec = Decoder(self)
+        results: dict[int, GenerationResult] = {}
+
+        def handle(events: list[Event]) -> None:
+            for key, kind, value in events:
+                if kind == "error":
+                    raise value
+                if kind == "delta" and on_delta:
+                    on_delta(key, value)
+                elif kind == "done":
+                    results[key] = value
+
+        handle(dec.admit(dict(enumerate(requests))))
+        while len(dec):
+            handle(dec.step())
+        return [results[i] for i in range(len(requests))]

@@ -105,7 +105,8 @@ def live(tiny, s3_endpoint, aws_env, tmp_path_factory):  # noqa: F811
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = AppArgs(store=uri, keys=str(keys_file), model="tiny", s3_endpoint_url=s3_endpoint,
-                       revalidate_s=0.0, batch_wait_ms=20, torch_threads=1,
+                       revalidate_s=0.0, torch_threads=1,
+                       tenant_limits={"requests_per_s": 2, "burst": 100, "max_in_flight": 24},
                        limits={"max_body_bytes": 2_000_000, "max_image_bytes": 400_000,
                                "max_image_pixels": 512 * 512, "max_images": 2, "max_concepts": 4,
                                "max_tokens": 64, "default_max_tokens": 16})

@@ -230,7 +230,9 @@ def test_concurrent_requests_equal_solo_answers(live, model_handle):
     after = model_handle.stats.remote().result()
     assert together == solo
     assert len(set(solo)) > 16  # the concepts make the answers differ
-    sizes = after["batch_sizes"][len(before["batch_sizes"]):]
+    steps = after["steps"] - before["steps"]
+    assert 0 < steps <= len(after["batch_sizes"])
+    sizes = after["batch_sizes"][-steps:]  # rows in each step of this test
     assert max(sizes) >= 8, sizes  # decoded together, not one by one
 
 
@@ -302,6 +304,15 @@ BAD = {
     "body size": dict(content=b'{"model": "tiny", "pad": "' + b"x" * 2_100_000 + b'"}'),
     "not json content type": dict(content=b"hi", headers={"content-type": "text/plain"}),
 }
+BAD.update({
+    "seed above 2^63-1": dict(body=_chat("hi", seed=2**64)),
+    "negative seed": dict(body=_chat("hi", seed=-1)),
+    "temperature below the floor": dict(body=_chat("hi", temperature=1e-300)),
+    "deep nesting": dict(content=b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    "too many messages": dict(body={"model": "tiny", "messages": [{"role": "user", "content": "x"}] * 5000}),
+    "too many parts": dict(body=_chat([{"type": "text", "text": "a"}] * 100)),
+    "too many stop strings": dict(body=_chat("hi", stop=["a"] * 1000)),
+})
 STATUS = {"body size": 413, "unknown model": 404, "not json content type": 415}
 
 
@@ -318,6 +329,102 @@ def test_server_survives_bad_input(live):
     status, body, _ = ask(live, "alice", "still there?")
     assert status == 200, body
     assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] >= 1
+
+
+def test_a_big_photo_is_shrunk_at_the_ingress_and_answers_as_itself(live, tiny):
+    """A 512x512 photo (the fixture's pixel cap) reaches the model as tiny's 32x32 input, and the
+    answer is the answer to the original photo run locally (the shrink is the model's own resize)."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:512, 0:512]
+    photo = Image.fromarray(np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8))
+    status, body, _ = ask(live, "alice", [{"type": "image_url", "image_url": {"url": data_url(photo)}},
+                                          {"type": "text", "text": "What is this?"}], max_tokens=12)
+    assert status == 200, body
+    ref, n = local_answer(tiny, [], "What is this?", 12, [photo])
+    assert body["choices"][0]["message"]["content"] == ref.text and body["usage"]["prompt_tokens"] == n
+
+
+# -- tenants' limits ---------------------------------------------------------------------------
+
+
+def _posts(live, tenant, bodies, threads):
+    def one(b):
+        with live.client(tenant) as c:
+            r = c.post("/v1/chat/completions", **b)
+            return r.status_code, r.json(), r.headers.get("retry-after")
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, bodies))
+
+
+def test_requests_in_flight_are_capped_per_tenant(live):
+    """carol sends 40 long requests at once, 24 may be in flight: the rest are 429 in OpenAI's
+    shape with Retry-After; alice, meanwhile, is not refused."""
+    import time
+
+    long = {"json": _chat("Describe everything you see.", max_tokens=64, temperature=1.0, seed=3)}
+    out = _posts(live, "carol", [long] * 40, 40)
+    refused = [(b, ra) for st, b, ra in out if st == 429]
+    assert refused and all(st in (200, 429) for st, _, _ in out), [st for st, _, _ in out]
+    body, retry = refused[0]
+    assert body["error"]["code"] == "rate_limit_exceeded" and "requests in flight" in body["error"]["message"]
+    assert set(body["error"]) == {"message", "type", "param", "code"} and int(retry) >= 1
+    assert ask(live, "alice", "still fine?", max_tokens=2)[0] == 200
+
+
+def test_rate_limit_is_a_429_with_retry_after(live):
+    """bob sends 150 requests as fast as 16 threads can (each a cheap 400): past the burst of 100
+    at 2/s, the rest are 429 with Retry-After; alice is not affected; bob gets in again after
+    the time it was told."""
+    import time
+
+    out = _posts(live, "bob", [{"content": b"{oops", "headers": {"content-type": "application/json"}}] * 150, 16)
+    statuses = [st for st, _, _ in out]
+    assert set(statuses) <= {400, 429} and statuses.count(429) >= 10, statuses
+    body, retry = next((b, ra) for st, b, ra in out if st == 429)
+    assert "rate limit of 2 requests/s (burst 100) reached for tenant bob" in body["error"]["message"]
+    assert body["error"]["type"] == "invalid_request_error" and int(retry) >= 1
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    refused = None
+    for _ in range(5):  # the official client reads it as a RateLimitError (a refill may let one through)
+        try:
+            oa(live, "bob").chat.completions.create(model="tiny", max_tokens=1,
+                                                    messages=[{"role": "user", "content": "hi"}])
+        except openai.RateLimitError as e:
+            refused = e
+            break
+    assert refused is not None and refused.code == "rate_limit_exceeded"
+    assert int(refused.response.headers["retry-after"]) >= 1
+    assert ask(live, "alice", "still fine?", max_tokens=2)[0] == 200
+    time.sleep(int(retry))
+    assert ask(live, "bob", "back?", max_tokens=2)[0] == 200
+
+
+def test_a_client_that_disconnects_stops_its_decoding(live, model_handle):
+    """Streams closed after their first chunk: their rows are retired (counted as cancelled)
+    rather than decoded to the end."""
+    import time
+
+    before = model_handle.stats.remote().result()["cancelled"]
+
+    def leave(i):
+        with live.client("alice") as c:
+            body = _chat("Describe everything you see.", max_tokens=64, temperature=1.0, seed=i, stream=True)
+            with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())  # the first chunk, then hang up
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(leave, range(8)))
+    for _ in range(100):
+        after = model_handle.stats.remote().result()
+        if after["cancelled"] > before:
+            break
+        time.sleep(0.1)
+    assert after["cancelled"] > before, after
+    assert after["waiting"] == 0
 
 
 # -- injection --------------------------------------------------------------------------------
@@ -353,6 +460,7 @@ def test_zz_metrics_exported_through_ray(live):
     if port is None:
         pytest.skip("Ray was started elsewhere, without a known metrics port")
     want = {"ray_yollava_chat_requests_total", "ray_yollava_completion_tokens_total",
+            "ray_yollava_rejections_total", "ray_yollava_tenant_tokens_total", "ray_yollava_queue_length",
             "ray_yollava_concept_cache_events_total", "ray_yollava_batch_size_bucket",
             "ray_yollava_concepts_per_request_bucket", "ray_yollava_api_latency_ms_bucket"}
     seen: set = set()

@@ -1,12 +1,13 @@
 """The concept cache and sharing rules, on a local store (no Ray)."""
 
 import asyncio
+import json
 import threading
 import time
 
 import pytest
 
-from cluster.store import open_store
+from cluster.store import ConceptNotFound, open_store
 from serve.concepts import ConceptBroken, ConceptCache, ConceptResolver, Sharing, split_ref
 from tests.serve.conftest import save_concept, tamper
 from yollava.artifacts import ArtifactError
@@ -141,3 +142,89 @@ def test_a_broken_artifact_is_named_as_the_caller_typed_it(local, tiny):
         assert info.value.ref == ref and str(info.value) == f"concept <{ref}> failed its integrity check on load"
         assert isinstance(info.value.__cause__, ArtifactError)
     assert [c.tokens.identifier for c in run(resolver.resolve("alice", ["ok"]))] == ["<ok>"]
+
+
+# -- grants under concurrency, deletion and retraining (issue 15, finding 2) ----------------------
+
+from tests.cluster.conftest import s3_bucket, s3_client, store  # noqa: E402,F401 (fixtures: file:// and s3://)
+
+
+def usable(store, tenant, ref):
+    """Whether `tenant` resolves `ref` right now (no cache in the way)."""
+    resolver = ConceptResolver(ConceptCache(store, None, revalidate_s=0), Sharing(store), revalidate_s=0)
+    return bool(run(resolver.resolve(tenant, [ref])))
+
+
+def test_share_racing_unshare_never_undoes_the_unshare(store):
+    """share(bob) and unshare(carol) at once, many rounds: carol is out, bob is in, every time."""
+    from bench.reliability import race_shares
+
+    rounds = 10 if store.uri.startswith("file:") else 4  # S3 rounds cost more (python -m bench.reliability: 50)
+    result = race_shares(store, rounds=rounds)
+    assert result["rounds"] == rounds
+    assert result["violations"] == []
+
+
+def test_a_share_racing_the_deletion_does_not_share_the_retrained_concept(store):
+    from bench.reliability import race_delete
+
+    rounds = 6 if store.uri.startswith("file:") else 3
+    result = race_delete(store, rounds=rounds)
+    assert result["rounds"] == rounds
+    assert result["violations"] == []
+
+
+def test_grants_die_with_the_concept_however_it_was_deleted(local, tiny):
+    """Deleted outside the chat API (cluster.ops concepts rm), then trained again under the same
+    name: the grants of the old concept do not apply to the new one."""
+    save_concept(local, tiny, "alice", "bo", 1)
+    Sharing(local).share("alice", "bo", "bob")
+    assert usable(local, "bob", "alice/bo")
+    local.delete_concept("alice", "bo")
+    assert not usable(local, "bob", "alice/bo")
+    save_concept(local, tiny, "alice", "bo", 2)
+    assert not usable(local, "bob", "alice/bo")
+    assert Sharing(local).grantees("alice", "bo") == []
+    assert Sharing(local).share("alice", "bo", "bob")  # shared again on purpose: it applies
+    assert usable(local, "bob", "alice/bo")
+
+
+def test_a_share_of_a_concept_that_does_not_exist_is_refused(local):
+    with pytest.raises(ConceptNotFound, match="alice/ghost"):
+        Sharing(local).share("alice", "ghost", "bob")
+    assert local.list_prefix("shares") == []
+
+
+def test_unshare_is_in_force_for_every_replica_within_revalidate_s(local, tiny):
+    save_concept(local, tiny, "alice", "bo", 1)
+    Sharing(local).share("alice", "bo", "bob")
+    clock = Clock()
+    replicas = [ConceptResolver(ConceptCache(local, tiny.fingerprint, revalidate_s=5, clock=clock), Sharing(local),
+                                revalidate_s=5, clock=clock) for _ in range(2)]
+    assert all(run(r.resolve("bob", ["alice/bo"])) for r in replicas)
+    assert Sharing(local).unshare("alice", "bo", "bob")
+    clock.t = 5.0
+    assert not any(run(r.resolve("bob", ["alice/bo"])) for r in replicas)
+
+
+def test_legacy_share_documents_are_migrated_by_a_command(local, tiny, capsys, caplog):
+    """Stores written before one-object-per-grant hold shares/<owner>/<name>.json: until migrated it
+    grants nothing (and says so in the log); `cluster.ops migrate` turns it into grants."""
+    from cluster import ops
+
+    save_concept(local, tiny, "alice", "bo", 1)
+    local.put_json("shares/alice/bo.json", {"tenants": ["bob", "carol"]})
+    local.put_json("shares/alice/gone.json", {"tenants": ["bob"]})  # its concept no longer exists
+    local.put_bytes("shared-with/bob/alice/bo", b"")
+    with caplog.at_level("WARNING"):
+        assert not usable(local, "bob", "alice/bo")
+    assert "cluster.ops migrate" in caplog.text
+    assert ops.main(["migrate", "--store", local.uri]) == 0
+    assert json.loads(capsys.readouterr().out) == {"grants_migrated": 2, "legacy_documents": 2,
+                                                   "dropped_for_missing_concepts": 1}
+    assert usable(local, "bob", "alice/bo") and usable(local, "carol", "alice/bo")
+    assert Sharing(local).grantees("alice", "bo") == ["bob", "carol"]
+    assert Sharing(local).shared_with("carol") == [("alice", "bo")]
+    assert not local.exists("shares/alice/bo.json") and not local.exists("shares/alice/gone.json")
+    assert ops.main(["migrate", "--store", local.uri]) == 0  # idempotent
+    assert json.loads(capsys.readouterr().out)["legacy_documents"] == 0
