@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from miniworld import world
 from miniworld.model import WEIGHTS, build_mini_llava, build_mini_tokenizer, save_mini
-from miniworld.tasks import NUM_NAMES, MAKERS, STAGES, STAGES_NOTCH, Task, mix_at, sample_task
+from miniworld.tasks import CURRICULA, NUM_NAMES, MAKERS, Task, mix_at, sample_task
 from yollava.backbone import Backbone
 from yollava.concept_model import ConceptLM, ConceptRows
 from yollava.prompt import IGNORE_INDEX, PromptEncoder
@@ -282,7 +282,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: Path | None, probe_
     pt = load_pretrainer(init, strict=False) if init else MiniPretrainer(seed)
     pt.model.requires_grad_(True)
     pt.model.train()
-    stages = STAGES_NOTCH if curriculum == "notch" else STAGES
+    stages = CURRICULA[curriculum]
     opt = torch.optim.AdamW(pt.parameters(), lr=lr, weight_decay=0.01)
     history: list[dict] = []
     last = min(stop_at or steps, steps)
@@ -373,6 +373,17 @@ def schedule(result: dict) -> str:
             f"{int(100 * result.get('ramp', 0.4))}% of the steps.")
 
 
+CURRICULUM_TEXT = {
+    "base": "readouts of the only object and single comparisons until the comparison probe passes 0.9, then "
+            "positions, attributes and existence until existence passes 0.85, then everything with names weighted "
+            "up until names bound by words pass 0.85, then the full mix;",
+    "notch": "the notch's single comparison (`notch_check`: `<n> is a object <hidden row>.`, one object) until "
+             "0.9, then one-object naming against twins until 0.85, then the soft mix;",
+    "soft": "the soft mix only: existence, attributes, counting, captions, names bound by words (as concept rows "
+            "or as text), by example photos (image tokens) and by soft rows (words + the hidden row, summed rows; "
+            "with filler rows drawn like personalization's start, and noise), twins as distractors, the notch's "
+            "comparisons, text-only attribute and two-option questions.",
+}
 TARGETS = {"existence": 0.95, "attribute": 0.95, "naming_example": 0.9, "naming_notch": 0.8, "twin_hidden": 0.8}
 
 
@@ -433,11 +444,8 @@ of {result['batch']} questions (one scene each), all weights trained. Losses: ea
 cross-entropy; per-patch heads on the vision tower (shape, colour, pattern, notch or empty of each cell);
 image tokens pulled towards their cell's word embeddings plus the notch's hidden row; linear readouts of
 every attribute, notch included, from the language model's middle layer at image tokens and at each
-definition's last latent row. Curriculum `{result.get('curriculum', 'base')}`{' (gated: ' + stages + ')' if stages else ''}:
-the notch's single comparison first (`notch_check`), then one-object naming against twins, then the full
-mix: existence, attributes, counting, captions, names bound by words (as concept rows or as text), by example
-photos (image tokens) and by soft rows (words + the hidden row, summed rows; with filler rows drawn like
-personalization's start, and noise), twins as distractors, text-only attribute and two-option questions.
+definition's last latent row. The curricula (`--gated`): `base`, {CURRICULUM_TEXT['base']} `notch`,
+{CURRICULUM_TEXT['notch']} `soft`, {CURRICULUM_TEXT['soft']}{' Stages of the last run: ' + stages + '.' if stages else ''}
 `pretrain-extras.safetensors` holds what only the probes use (placeholder-name rows, the heads, the hidden rows).
 
 ## Held-out accuracy of the base (before any personalization)
@@ -477,7 +485,9 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", action="store_true", help="only measure OUT's held-out probes (--probe-n per kind) "
                     "into OUT/pretrain.json and rewrite its card: for a checkpoint saved mid-run")
     ap.add_argument("--init", default=None, help="warm-start from this saved folder")
-    ap.add_argument("--curriculum", default="base", choices=["base", "notch"])
+    ap.add_argument("--curriculum", default="base", choices=sorted(CURRICULA),
+                    help="with --gated: base (from random weights), notch (the notch stages, then the full mix), "
+                         "soft (the full mix only, to continue a base that passed the notch stages)")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--probe-n", type=int, default=400)
     args = ap.parse_args(argv)

@@ -352,6 +352,8 @@ STAGES_NOTCH = [
      "twin_one_hidden", 0.85),
     (MIX_SOFT, None, None),
 ]
+# continuing a base that already passed the notch stages: the full mix only
+STAGES_SOFT = [(MIX_SOFT, None, None)]
 
 
 # the gated curriculum: each stage's mix until its probe reaches the bar, then the next
@@ -373,3 +375,5 @@ def mix_at(frac: float, ramp: float = 0.4) -> dict[str, float]:
 def sample_task(rng: random.Random, mix: dict[str, float] = MIX) -> Task:
     kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     return MAKERS[kind](rng)
+
+CURRICULA = {"base": STAGES, "notch": STAGES_NOTCH, "soft": STAGES_SOFT}
