@@ -400,12 +400,15 @@ def provenance(result: dict) -> str:
     while r is not None:
         chain.append(r)
         r = r.get("init") if isinstance(r.get("init"), dict) else None
-    lines = []
-    for i, r in enumerate(reversed(chain), start=1):
+    lines, chain = [], chain[::-1]  # oldest first; each earlier stage saved where the next one starts from
+    for i, r in enumerate(chain, start=1):
         cmd = r["command"] if "command" in r else command(r)
+        if i < len(chain):
+            cmd += f" --out {chain[i]['init']['from']}"
         what = "from random weights" if i == 1 else "warm start from the previous stage's weights"
+        code = f", the base shipped at commit {r['commit']}" if r.get("commit") else ""
         lines.append(f"{i}. {what} ({r.get('steps', r.get('stop_at', '?'))} steps, {r.get('minutes', '?')} "
-                     f"min on one CPU core):\n\n       OMP_NUM_THREADS=1 python -m miniworld.pretrain {cmd}")
+                     f"min on one CPU core{code}):\n\n       OMP_NUM_THREADS=1 python -m miniworld.pretrain {cmd}")
     return "\n\n".join(lines)
 
 

@@ -9,9 +9,9 @@ Methods, all through the same evaluation harness as for real checkpoints
 - `vanilla`: the name `<sks>` with no concept behind it;
 - `description`: the subject in words ("<sks> is a red striped circle."), as the
   paper's human-written description (the notch has no word);
-- `yollava`: concept tokens, k = 16, hard + easy negatives (`MINI_RECIPE`);
+- `yollava`: concept tokens, k = 8 started at the subject's photos, hard + easy negatives (`MINI_RECIPE`);
 - `no_hard_negatives`: the same number of negatives, all easy (random pool photos);
-- `k1`, `k4` (and `yollava` as k16): the number of latent tokens.
+- `k1`, `k4`, `k16` (and `yollava` as k8): the number of latent tokens.
 
 Recognition on held-out photos: positives are the subject's test photos;
 negatives are its twin (the same object but for the unnamed notch: `hard`) and
