@@ -14,6 +14,7 @@ Layout under the store root (next to `concepts/`, which `store.py` owns)::
     jobs/<job id>/job.json              the job id's claim (a reused id is refused)
     jobs/<job id>/summary.json          the job summary
     jobs/<job id>/subjects/<owner>/<name>.json   per-subject record (status, metrics, negatives used)
+    jobs/<job id>/progress/<owner>/<name>.json   epochs done so far (for the upload API's progress)
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def job_prefix(job_id: str) -> str:
 
 def subject_record_key(job_id: str, owner: str, name: str) -> str:
     return f"{job_prefix(job_id)}/subjects/{check_name(owner, 'owner')}/{check_name(name, 'name')}.json"
+
+
+def progress_key(job_id: str, owner: str, name: str) -> str:
+    """How far training of a subject got in a job: {epoch, epochs}, rewritten after each epoch."""
+    return f"{job_prefix(job_id)}/progress/{check_name(owner, 'owner')}/{check_name(name, 'name')}.json"
 
 
 def _hex(value: str) -> str:

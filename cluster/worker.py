@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from cluster.keys import done_key, subject_record_key
+from cluster.keys import done_key, progress_key, subject_record_key
 from cluster.negatives import PoolInfo, load_index
 from cluster.packing import packs_of_rank
 from cluster.store import ArtifactStore, ConceptNotFound, ObjectNotFound, open_store
@@ -147,8 +147,9 @@ class PackRunner:
             loader.add(t.photo_keys(), t.photo_refs)
             try:
                 spec = SubjectSpec(t.name, t.photo_keys(), t.owner, t.description)
-                sets += build_sets(self.backbone, [spec], loader, self.pool or NegativePool(), self.config)
-                check_private(sets[-1], t, self.pool.ids if self.pool else [])
+                (ts,) = build_sets(self.backbone, [spec], loader, self.pool or NegativePool(), self.config)
+                check_private(ts, t, self.pool.ids if self.pool else [])  # before it joins the pack
+                sets.append(ts)
             except SUBJECT_ERRORS as e:  # one subject's failure is its own; a bug fails the job
                 log.exception("subject %s: could not build its training set", t.label)
                 failed[t.label] = f"{type(e).__name__}: {e}"
@@ -157,7 +158,8 @@ class PackRunner:
         if sets:
             trainer = PackedTrainer(self.backbone, self.config, loader, progress=self.job.progress)
             bank = ConceptBank.from_stats(self.bank_init, seed=self.config.seed)
-            results = trainer.fit(sets, bank=bank)
+            training = [t for t in todo if t.label not in failed]
+            results = trainer.fit(sets, bank=bank, on_epoch=lambda epoch, _: self._progress(training, epoch))
         seconds = (time.perf_counter() - t0) / len(todo)
         out = {}
         for t in todo:
@@ -166,6 +168,13 @@ class PackRunner:
             else:
                 out[t.label] = self._write(t, results[t.name], by_name[t.name], seconds)
         return out
+
+    def _progress(self, todo: list[SubjectTask], epoch: int) -> None:
+        """After each epoch: `jobs/<id>/progress/<owner>/<name>.json` (what a status page shows)."""
+        if self.writer:
+            for t in todo:
+                self.store.put_json(progress_key(self.job.job_id, t.owner, t.name),
+                                    {"epoch": epoch, "epochs": self.config.epochs})
 
     # -- exactly once ------------------------------------------------------------------------
 

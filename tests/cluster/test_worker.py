@@ -57,6 +57,30 @@ def test_one_command_local_run_then_resubmission(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["counts"] == {"done-before": 3}
 
 
+def test_a_subject_failing_the_privacy_guard_is_not_trained(tmp_path, capsys, monkeypatch):
+    """The guard runs before a subject's set joins its pack: a leaking set is recorded failed and never
+    trained, and its pack mates train as usual."""
+    import cluster.worker as worker
+    from yollava.recipe import PhotoRef, Sample
+
+    real = worker.build_sets
+
+    def leaky(backbone, specs, *args, **kw):
+        sets = real(backbone, specs, *args, **kw)
+        if (specs[0].owner, specs[0].name) == ("alice", "bo"):
+            sets[0].train.append(Sample("bo", "negative", sets[0].train[0].messages, PhotoRef("carol/x/secret.png")))
+        return sets
+
+    monkeypatch.setattr(worker, "build_sets", leaky)
+    store = tmp_path / "store"
+    path = write_request(tmp_path, str(store), pool=4)
+    assert main([str(path), "--local", "--no-progress", "--pack-size", "3"]) == 1
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["counts"] == {"trained": 2, "failed": 1}
+    trained = {(c.owner, c.name) for c in open_store(str(store)).list_concepts()}
+    assert trained == {(o, n) for o, n in SUBJECTS if (o, n) != ("alice", "bo")}
+
+
 def test_pack_scaling_bench_runs_small(capsys):
     from bench import pack_scaling
 
