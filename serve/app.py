@@ -6,24 +6,28 @@
 
 `ChatIngress` authenticates, applies each tenant's rate limit and cap on
 requests in flight, validates (off the event loop) and decodes and shrinks
-photos (so nothing bad or oversized reaches the model), and owns the concept
-listing/sharing API. `ChatModel`
-holds the base model, the concept cache and the batch scheduler; every
-replica can serve every tenant's concepts.
+photos (so nothing bad or oversized reaches the model), owns the concept
+listing/sharing API and the upload API (`serve/uploads.py`), and serves the web
+page (`/`, `serve/static/`). `ChatModel` holds the base model, the concept cache
+and the batch scheduler; every replica can serve every tenant's concepts.
+`UploadQueue` (one replica, with `uploads` set) packs the tenants' uploads into
+`cluster.personalize` jobs through Ray's job API (`cluster/queue.py`).
 """
 
 
 import asyncio
 import json
 import logging
+import threading
 import time
 import weakref
+from pathlib import Path
 from typing import AsyncIterator
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.exceptions import RayError
@@ -32,7 +36,9 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.lifecycle import forget_concept
-from cluster.store import ConceptNotFound, open_store
+from cluster.queue import (QUEUED, Dispatcher, JobApiError, RayJobs, commit_upload, discard_upload,
+                           unfinished_uploads, upload_state)
+from cluster.store import ConceptNotFound, access_errors, open_store
 from yollava.backbone import load_backbone
 from yollava.tokens import NAME_RE
 
@@ -44,6 +50,22 @@ from serve.metrics import IngressMetrics, ModelMetrics, TenantLabels
 from serve.photos import PhotoFit
 from serve.schemas import (Chat, ChatCompletionRequest, RequestError, chunk_body, completion_body,
                            error_body, usage)
+from serve.uploads import (RawUpload, UploadConfig, UploadError, check_description, check_quotas, concept_status,
+                           image_formats, parse_json_upload, prepare_photos, tenant_statuses)
+from serve.uploads import check_name as check_upload_name
+
+STATIC = Path(__file__).resolve().parent / "static"
+# The page's files, fixed at import: a request names one of these or gets a 404 (never a path).
+STATIC_FILES = {p.name: p for p in STATIC.iterdir() if p.is_file() and not p.name.startswith(".")} \
+    if STATIC.is_dir() else {}
+_MEDIA = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+          ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
+# Nothing from elsewhere: the page's own script and style, photos as data: and blob: URLs.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                               "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
+    "Cache-Control": "no-cache"}
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +93,8 @@ class AppArgs(BaseModel):
     tenant_limits: TenantLimits = Field(default_factory=TenantLimits, description="serve.limits.TenantLimits")
     torch_threads: int | None = Field(None, ge=1)
     limits: Limits = Field(default_factory=Limits, description="request limits (serve.limits.Limits)")
+    uploads: UploadConfig | None = Field(None, description="the upload API and its queue (serve.uploads); "
+                                                           "absent: tenants cannot upload")
 
     def open_store(self):
         return open_store(self.store, **({"endpoint_url": self.s3_endpoint_url} if self.s3_endpoint_url else {}))
@@ -232,11 +256,65 @@ class ChatModel:
         return self.engine.cache.evict(owner, name)
 
 
+@serve.deployment(name="UploadQueue", num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+class UploadQueue:
+    """The dispatcher of the upload queue (`cluster.queue`): one replica, a thread that looks at the
+    queue every `poll_s` (at once when the ingress nudges it). Its state is the store's: a replica
+    that restarts carries on. A look that fails on the store or the job API is logged and tried again;
+    anything else ends the thread and fails the health check, so Serve restarts the replica."""
+
+    def __init__(self, args: AppArgs):
+        if args.uploads is None:
+            raise ValueError("UploadQueue needs AppArgs.uploads")
+        config = args.uploads.queue_config(args.model)
+        env = {"AWS_ENDPOINT_URL_S3": args.s3_endpoint_url} if args.s3_endpoint_url else {}
+        self.dispatcher = Dispatcher(args.open_store(), RayJobs(config.job_api), config, env=env)
+        self.poll_s = config.poll_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self.ticks = 0
+        self._thread = threading.Thread(target=self._run, name="upload-queue", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()  # a nudge from now on wakes the next wait
+            try:
+                report = self.dispatcher.tick()
+                if report.submitted or report.finished or report.removed:
+                    log.info("upload queue: submitted %s, finished %s, removed %s", report.submitted,
+                             report.finished, report.removed)
+            except (OSError, JobApiError, *access_errors()) as e:  # the store or the job API: try again
+                log.warning("upload queue: %r (trying again in %.0f s)", e, self.poll_s)
+            except Exception as e:  # a bug: the health check fails and Serve restarts this replica
+                log.exception("upload queue stopped")
+                self._error = e
+                return
+            self.ticks += 1
+            self._wake.wait(self.poll_s)
+
+    def nudge(self) -> int:
+        """Look now (an upload arrived); returns how many looks so far."""
+        self._wake.set()
+        return self.ticks
+
+    def check_health(self) -> None:
+        if self._error is not None or not self._thread.is_alive():
+            raise RuntimeError(f"the upload queue's thread stopped: {self._error!r}")
+
+    def __del__(self):
+        self._stop.set()
+        self._wake.set()
+
+
 @serve.deployment(name="ChatIngress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class ChatIngress:
-    def __init__(self, model: DeploymentHandle, args: AppArgs):
-        self.model, self.args = model, args
+    def __init__(self, model: DeploymentHandle, args: AppArgs, queue: DeploymentHandle | None = None):
+        self.model, self.args, self.queue = model, args, queue
+        self.uploads = args.uploads
+        self._upload_locks: dict[str, asyncio.Lock] = {}
         self.model_id = args.model
         self.limits = args.limits
         self.keys = KeyRing(args.keys)
@@ -264,8 +342,8 @@ class ChatIngress:
             raise ApiError(404, f"no concept named {name[:80]!r}", code="concept_not_found", param=field)
         return name
 
-    async def _body(self, request: Request) -> bytes:
-        limit = self.limits.max_body_bytes
+    async def _body(self, request: Request, limit: int | None = None) -> bytes:
+        limit = limit or self.limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
@@ -388,14 +466,13 @@ class ChatIngress:
         tenant = self._tenant(request)
 
         def listing() -> list[dict]:
-            own = [{"id": r.name, "owner": r.owner, "name": r.name, "version": r.version,
-                    "object": "concept", "shared_with": self.sharing.grantees(r.owner, r.name)}
-                   for r in self.store.list_concepts(tenant)]
+            own = [{**c, "shared_with": self.sharing.grantees(tenant, c["name"]) if c["version"] else []}
+                   for c in tenant_statuses(self.store, tenant)]
             shared = []
             for owner, name in self.sharing.shared_with(tenant):
                 version = self.store.latest_version(owner, name)
                 if version is not None:
-                    shared.append({"id": f"{owner}/{name}", "owner": owner, "name": name,
+                    shared.append({"id": f"{owner}/{name}", "owner": owner, "name": name, "status": "ready",
                                    "version": version, "object": "concept", "shared_with": None})
             return own + shared
 
@@ -406,9 +483,17 @@ class ChatIngress:
         tenant = self._tenant(request)
         self._name(name)
 
-        def delete() -> list[int]:
-            # Grants first, then versions, done-markers and job records (cluster.lifecycle).
-            return forget_concept(self.store, tenant, name)["versions"]
+        def delete() -> bool:
+            busy = unfinished_uploads(self.store, tenant).get(name)
+            if busy is not None:
+                state = upload_state(self.store, tenant, name, busy)["status"]
+                if state != QUEUED:  # its job has it: deleting now would race the job's writes
+                    raise ApiError(409, f"concept {name!r} is {state}; delete it once it is ready or failed",
+                                   code="concept_busy", param="name")
+                discard_upload(self.store, tenant, name, busy)
+            # Grants first, then versions, done-markers, job records and uploads (cluster.lifecycle).
+            report = forget_concept(self.store, tenant, name)
+            return bool(report["versions"] or report["uploads"] or busy)
 
         if not await asyncio.to_thread(delete):
             raise ApiError(404, f"no concept named {name!r}", code="concept_not_found", param="name")
@@ -417,6 +502,147 @@ class ChatIngress:
         except (RayError, RayServeException) as e:  # the other replicas revalidate within revalidate_s anyway
             log.warning("could not evict %s/%s from a model replica: %r", tenant, name, e)
         return {"id": name, "object": "concept.deleted", "deleted": True}
+
+    @api.get("/v1/concepts/{name}")
+    async def get_concept(self, name: str, request: Request) -> dict:
+        tenant = self._tenant(request)
+        self._name(name)
+
+        def status() -> dict | None:
+            body = concept_status(self.store, tenant, name)
+            if body is not None:
+                body["shared_with"] = self.sharing.grantees(tenant, name) if body["version"] else []
+            return body
+
+        body = await asyncio.to_thread(status)
+        if body is None:
+            raise ApiError(404, f"no concept named {name!r}", code="concept_not_found", param="name")
+        return body
+
+    @api.post("/v1/concepts", status_code=202)
+    async def upload_concept(self, request: Request):
+        tenant = self._tenant(request)
+        if self.uploads is None:
+            raise ApiError(404, "uploads are not enabled on this service; an operator trains concepts "
+                                "(cluster.personalize)", code="uploads_disabled")
+        slot = self._enter(tenant)
+        try:
+            raw = await self._read_upload(request)
+            lock = self._upload_locks.setdefault(tenant, asyncio.Lock())
+            async with lock:  # one upload of a tenant at a time here: the quotas count what is stored
+                try:
+                    body = await asyncio.to_thread(self._store_upload, tenant, raw)
+                except UploadError as e:
+                    headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+                    raise ApiError(e.status, str(e), code=e.code, param=e.param, headers=headers) from None
+        finally:
+            slot.release()
+        if self.queue is not None:
+            try:
+                await self.queue.nudge.remote()
+            except (RayError, RayServeException) as e:  # it looks every poll_s anyway
+                log.warning("could not nudge the upload queue: %r", e)
+        return JSONResponse(body, status_code=202)
+
+    def _store_upload(self, tenant: str, raw: RawUpload) -> dict:
+        limits = self.uploads.limits
+        name = check_upload_name(raw.name)
+        description = check_description(raw.description, limits)
+        check_quotas(self.store, tenant, name, limits)  # before decoding: a refused upload costs little
+        photos = prepare_photos(raw, limits, self.limits.image)
+        commit_upload(self.store, tenant, name, description, photos)
+        return concept_status(self.store, tenant, name)
+
+    async def _read_upload(self, request: Request) -> RawUpload:
+        limits = self.uploads.limits
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "application/json":
+            body = await self._body(request, limits.max_body_bytes)
+            try:
+                return await asyncio.to_thread(parse_json_upload, body)
+            except UploadError as e:
+                raise ApiError(e.status, str(e), code=e.code, param=e.param) from None
+        if ctype != "multipart/form-data":
+            raise ApiError(415, f"content-type {ctype!r}: send multipart/form-data (fields name, description, "
+                                "files photos) or application/json", code="unsupported_media_type")
+        return await self._read_form(request, limits.max_body_bytes)
+
+    async def _read_form(self, request: Request, limit: int) -> RawUpload:
+        """multipart/form-data through Starlette's parser (python-multipart), the body capped as it streams."""
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+        seen = 0
+        receive = request.receive
+
+        async def capped():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+            return message
+
+        # Files are counted by the photo quota (403, like JSON), the body by `limit`; text fields are few and short.
+        form = await Request(request.scope, capped).form(max_files=1000, max_fields=8, max_part_size=64 * 1024)
+        try:
+            fields = {k for k in form.keys()}
+            unknown = fields - {"name", "description", "photos"}
+            if unknown:
+                raise ApiError(400, f"unknown form field {sorted(unknown)[0][:80]!r}", param=sorted(unknown)[0][:80])
+            names = form.getlist("name")
+            if len(names) != 1 or not isinstance(names[0], str):
+                raise ApiError(400, "the form needs one text field `name`", code="invalid_name", param="name")
+            descriptions = form.getlist("description")
+            if len(descriptions) > 1 or any(not isinstance(d, str) for d in descriptions):
+                raise ApiError(400, "at most one text field `description`", param="description")
+            photos = []
+            for i, f in enumerate(form.getlist("photos")):
+                if isinstance(f, str):
+                    raise ApiError(400, f"photos[{i}] is a text field; send files", code="invalid_image",
+                                   param=f"photos[{i}]")
+                data = await f.read(self.limits.max_image_bytes + 1)
+                label = f"photos[{i}] ({(f.filename or '')[:80]!r})"
+                if len(data) > self.limits.max_image_bytes:
+                    raise ApiError(400, f"{label}: image is larger than {self.limits.max_image_bytes} bytes",
+                                   code="invalid_image", param=f"photos[{i}]")
+                photos.append((label, data))
+            return RawUpload(names[0], descriptions[0] if descriptions else None, photos)
+        finally:
+            await form.close()
+
+    @api.get("/v1/limits")
+    async def upload_limits(self, request: Request) -> dict:
+        """What the page checks before sending anything (the service checks again)."""
+        self._tenant(request)
+        lim = self.limits
+        body = {"object": "limits", "model": self.model_id,
+                "chat": {"max_images": lim.max_images, "max_image_bytes": lim.max_image_bytes,
+                         "max_image_pixels": lim.max_image_pixels, "max_tokens": lim.max_tokens,
+                         "formats": image_formats()},
+                "uploads": None}
+        if self.uploads is not None:
+            body["uploads"] = {**self.uploads.limits.model_dump(exclude={"retry_after_s"}),
+                               "max_image_bytes": lim.max_image_bytes, "max_image_pixels": lim.max_image_pixels,
+                               "formats": image_formats()}
+        return body
+
+    # -- the web page
+
+    @api.get("/")
+    async def page(self):
+        return self._static("index.html")
+
+    @api.get("/static/{file}")
+    async def static(self, file: str):
+        return self._static(file)
+
+    def _static(self, file: str):
+        path = STATIC_FILES.get(file)
+        if path is None:
+            raise ApiError(404, f"no file {file[:80]!r}", code="not_found")
+        return FileResponse(path, media_type=_MEDIA.get(path.suffix, "application/octet-stream"),
+                            headers=PAGE_HEADERS)
 
     @api.get("/v1/concepts/{name}/shares")
     async def list_shares(self, name: str, request: Request) -> dict:
@@ -453,4 +679,5 @@ class ChatIngress:
 
 def build_app(args: AppArgs) -> serve.Application:
     """The application: `serve run serve.app:build_app store=URI model=ID keys=FILE`."""
-    return ChatIngress.bind(ChatModel.bind(args), args)
+    queue = UploadQueue.bind(args) if args.uploads is not None else None
+    return ChatIngress.bind(ChatModel.bind(args), args, queue)

@@ -1,6 +1,6 @@
 """The main job end to end on one machine: personalize, serve, chat, shut down.
 
-    python -m serve.demo [--workdir runs/demo] [--model mini]
+    python -m serve.demo [--workdir runs/demo] [--model mini] [--keep [--port 8000]]
 
 1. a personalization request for the miniature world's sample subjects
    (`examples/miniworld`: two owners, three subjects each, and a negative pool);
@@ -12,7 +12,9 @@
    a text question about his `<rex>`; all through the official `openai` client;
 5. prints the answers and each subject's held-out recognition (the evaluation
    harness on the test photos: the concept against the bare name), and shuts
-   everything down.
+   everything down; with `--keep` (`make demo KEEP=1`) it prints the web page's
+   address and keys instead, and the service, its page and its upload queue
+   stay up until Ctrl-C.
 
 The default model is `mini`, the miniature LLaVA shipped in
 `models/mini` (see its card); `--model tiny` runs the same
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,7 +79,8 @@ def data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def chat(work: Path, store_uri: str, model: str) -> list[tuple[str, str, str]]:
+def chat(work: Path, store_uri: str, model: str, keep: bool = False, port: int | None = None):
+    """The questions, through the official client; returns (answers, keys, the app if kept up)."""
     from openai import OpenAI
 
     from serve.app import AppArgs
@@ -88,7 +92,10 @@ def chat(work: Path, store_uri: str, model: str) -> list[tuple[str, str, str]]:
     keys = {t: create_key(keys_file, t) for t in OWNERS}
     for t, k in keys.items():
         print(f"demo key for {t}: {k}")
-    app = start(AppArgs(store=store_uri, keys=str(keys_file), model=model))
+    # Kept up, the page can teach new concepts: uploads go to jobs on this Ray (its job API).
+    uploads = {"queue": {"min_batch": 1, "max_wait_s": 5, "max_active_jobs": 1, "negatives": str(SAMPLES / "pool"),
+                         "recipe": {"from": str(RECIPE_FILE), "epochs": DEMO_EPOCHS}}} if keep else None
+    app = start(AppArgs(store=store_uri, keys=str(keys_file), model=model, uploads=uploads), port=port)
     question = "Is <pip> in this photo? Answer with yes or no."
     pip = SAMPLES / "test" / "pip" / "0.png"
     twin = SAMPLES / "test" / "pip" / "negatives" / "hard" / "0.png"
@@ -104,9 +111,12 @@ def chat(work: Path, store_uri: str, model: str) -> list[tuple[str, str, str]]:
                                                max_tokens=24, temperature=0)
             shown = text if photo is None else f"[{photo.relative_to(SAMPLES)}] {text}"
             out.append((tenant, shown, r.choices[0].message.content))
-        return out
-    finally:
+    except BaseException:
         app.stop()
+        raise
+    if not keep:
+        app.stop()
+    return out, keys, app if keep else None
 
 
 def held_out(store_uri: str, model: str) -> list[dict]:
@@ -136,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serve.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument("--model", default="mini")
+    ap.add_argument("--keep", action="store_true", help="leave the service and its page running (Ctrl-C stops)")
+    ap.add_argument("--port", type=int, default=None, help="the service's port with --keep (default 8000)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     work = Path(args.workdir)
@@ -143,14 +155,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    # one local Ray for both steps; workers' and replicas' logs stay in Ray's log folder
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    # one local Ray for both steps; workers' and replicas' logs stay in Ray's log folder. Kept up, its
+    # dashboard is the job API the upload queue submits to, and jobs need CPUs beside the replicas.
+    ray.init(include_dashboard=args.keep, log_to_driver=False, logging_level="WARNING",
+             **({"num_cpus": max(4, os.cpu_count() or 1)} if args.keep else {}))
     step(1, "a personalization request for the sample subjects")
     request = write_request(work, args.model)
     step(2, "batch personalization on a local Ray (cluster.personalize)")
     summary = run_job(request, job_id=f"demo-{int(time.time())}")
     step(3, "chat service (Ray Serve) with a demo key per owner")
-    answers = chat(work, summary["store"], args.model)
+    answers, keys, app = chat(work, summary["store"], args.model, args.keep, args.port or (8000 if args.keep else None))
     step(4, "answers")
     for tenant, question, answer in answers:
         print(f"{tenant}: {question}\n  -> {answer!r}")
@@ -164,7 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     mean = {k: round(sum(r[k] for r in rows) / len(rows), 3) for k in ("concept", "vanilla")}
     print(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "counts": summary["counts"],
                       "held_out_weighted": mean}))
-    ray.shutdown()
+    if app is None:
+        print("\nthe web page: `make demo KEEP=1` (python -m serve.demo --keep) leaves the service up and prints "
+              "its address; `python -m serve` starts one on its own", flush=True)
+        ray.shutdown()
+        return 0
+    print(f"\nthe web page: {app.url}/  (teach a concept from photos, chat with it)", flush=True)
+    for t, k in keys.items():
+        print(f"  key for {t}: {k}", flush=True)
+    print("  Ctrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.stop()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
@@ -37,8 +38,14 @@ def start(args: AppArgs, host: str = "127.0.0.1", port: int | None = None, env: 
     from ray import serve
 
     started = not ray.is_initialized()
+    if started and args.uploads is not None:
+        # The dashboard is the job API the upload queue submits to; a job needs CPUs beside the
+        # service's replicas (a driver task, a Ray Train worker), so a small machine gets 4 logical ones.
+        ray_init.setdefault("include_dashboard", True)
+        ray_init.setdefault("num_cpus", max(4, os.cpu_count() or 1))
     if started:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env} if env else None, **ray_init)
+        ray_init.setdefault("include_dashboard", False)
+        ray.init(runtime_env={"env_vars": env} if env else None, **ray_init)
     port = port or free_port(host)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
