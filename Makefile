@@ -1,5 +1,6 @@
-# One project-local virtual environment with pinned packages (requirements.lock).
-# `make install` is idempotent: it re-runs only when the lock or pyproject changes.
+# One project-local virtual environment with pinned packages (requirements.lock), and Debian's
+# Chromium + its driver for the page's browser test (tests/serve/test_page.py), installed when missing.
+# `make install` is idempotent: the venv re-runs only when the lock or pyproject changes.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -7,10 +8,21 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+KEEP ?=
+CHROMIUM := /usr/bin/chromium
+CHROMEDRIVER := /usr/bin/chromedriver
 
-.PHONY: install test demo reproduce clean
+.PHONY: install browser test demo reproduce clean
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# The browser of the page's test: Debian's packages, never a browser download.
+browser:
+	@if [ ! -x $(CHROMIUM) ] || [ ! -x $(CHROMEDRIVER) ]; then \
+	  echo "installing Debian's chromium and chromium-driver (the page's browser test)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; \
+	fi
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +39,9 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # The main job end to end on one machine (local Ray, file:// store, sample subjects of two owners).
+# KEEP=1: the chat service, its web page and upload queue stay up at the printed address (Ctrl-C stops).
 demo: install
-	$(PY) -m serve.demo --workdir runs/demo
+	$(PY) -m serve.demo --workdir runs/demo $(if $(KEEP),--keep)
 
 # The paper's comparison on the miniature model and the sample subjects (~15 min on 2 cores).
 reproduce: install

@@ -120,15 +120,23 @@ def test_image_installs_the_project():
         assert f"COPY {alias} " in text
 
 
+# Committed on purpose besides the sample subjects: the README's screenshot of the web page.
+ALLOWED_IMAGES = {"docs/page.png": 200_000}  # path -> most bytes
+
+
 def test_only_the_miniworld_subjects_are_committed_images():
     """Demo photos are generated; the only committed images are the miniature world's sample
-    subjects, and those are exactly what their generator writes (checked in test_miniworld)."""
+    subjects, and those are exactly what their generator writes (checked in test_miniworld),
+    and the README's small screenshot of the page."""
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     if not tracked:  # not a git checkout (e.g. an sdist): nothing to check
         return
     images = [p for p in tracked if p.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))
               and not p.startswith("examples/miniworld/")]
-    assert images == [], images
+    assert [p for p in images if p not in ALLOWED_IMAGES] == [], images
+    for p in images:
+        if p in ALLOWED_IMAGES:
+            assert (ROOT / p).stat().st_size <= ALLOWED_IMAGES[p], p
 
 
 def test_example_request_is_valid_and_its_photos_decode():
