@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
               f"twins rejected={r['concept_hard']:.3f}")
     if args.model == "tiny":
         print("\nnote: `tiny` has random weights: the answers and accuracies above are chance-level by design.")
-    mean = {k: round(sum(r[k] for r in rows) / len(rows), 3) for k in ("concept", "vanilla")}
+    mean = {k: round(sum(r[k] for r in rows) / len(rows), 3) for k in ("concept", "vanilla", "concept_hard")}
+    mean["twins_rejected"] = mean.pop("concept_hard")
     print(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "counts": summary["counts"],
                       "held_out_weighted": mean}))
     if app is None:
