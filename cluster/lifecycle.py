@@ -13,7 +13,7 @@ concepts rm OWNER/NAME` both call it.
 from __future__ import annotations
 
 from cluster.keys import done_prefix, job_prefix, progress_key, subject_record_key
-from cluster.queue import UPLOAD_ID_RE, pending_key, uploads_prefix
+from cluster.queue import UPLOAD_ID_RE, discard_upload, pending_key, unfinished_uploads, uploads_prefix
 from cluster.shares import Grants
 from cluster.store_base import ArtifactStore, ObjectNotFound
 from yollava.tokens import check_name
@@ -22,9 +22,16 @@ _KEPT_IN_SUMMARY = ("owner", "name")
 
 
 def forget_concept(store: ArtifactStore, owner: str, name: str) -> dict:
-    """Delete owner/name and its grants, markers and job records; returns what was deleted."""
+    """Delete owner/name and its grants, markers and job records; returns what was deleted.
+
+    Raises `ConceptBusy` (and deletes nothing) while a batch has the concept's upload: its job may be
+    writing a version, which only the dispatcher can then clean up. A queued upload is discarded
+    first, so no batch can take it while the rest goes."""
     check_name(owner, "owner")
     check_name(name, "name")
+    unfinished = unfinished_uploads(store, owner).get(name)
+    if unfinished is not None:
+        discard_upload(store, owner, name, unfinished)  # ConceptBusy if a batch has it
     grants = Grants(store).drop(owner, name)
     versions = store.delete_concept(owner, name)
     markers = store.delete_prefix(done_prefix(owner, name))
@@ -42,7 +49,7 @@ def forget_concept(store: ArtifactStore, owner: str, name: str) -> dict:
         if summary in keys and _redact_summary(store, summary, owner, name):
             summaries += 1
     return {"owner": owner, "name": name, "versions": versions, "grants": grants, "markers": markers,
-            "uploads": uploads, "records": records, "summaries": summaries}
+            "uploads": uploads + (unfinished is not None), "records": records, "summaries": summaries}
 
 
 def _forget_uploads(store: ArtifactStore, owner: str, name: str) -> int:

@@ -32,6 +32,7 @@ from ray.job_submission import JobSubmissionClient
 
 from cluster import resources
 from cluster.lifecycle import forget_concept
+from cluster.queue import ConceptBusy
 from cluster.shares import migrate_legacy
 from cluster.store import ArtifactStore, ConceptNotFound, open_store
 from yollava.tokens import check_name
@@ -151,7 +152,7 @@ def concepts_rm(store: ArtifactStore, ref: str, version: int | None) -> dict:
     else:
         deleted = store.delete_concept(owner, name, version)
         report = {"versions": deleted}
-    if not deleted:
+    if not deleted and not report.get("uploads"):
         raise ConceptNotFound(owner, name, version)
     return {"deleted": deleted, **{k: v for k, v in report.items() if k not in ("owner", "name", "versions")}}
 
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _print({"requested": scale(args.gpus, args.cpus_per_gpu, args.release, args.job)})
         return 0
-    except (ValueError, ConceptNotFound) as e:
+    except (ValueError, ConceptNotFound, ConceptBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -207,7 +207,7 @@ def upload_state(store: ArtifactStore, tenant: str, name: str, upload_id: str) -
                 "version": result.get("version"), "metrics": result.get("metrics") or {},
                 "job_id": result.get("job_id"), "finished": result.get("finished")}
     claim = _get_json(store, f"{prefix}/claim.json")
-    if claim is None:
+    if claim is None or claim.get("discarded"):  # (discarded: gone in a moment)
         return {"status": QUEUED, "progress": 0.0}
     batch = claim["batch"]
     attempts = _attempts(store, batch)
@@ -238,10 +238,28 @@ def unfinished_uploads(store: ArtifactStore, tenant: str) -> dict[str, str]:
     return out
 
 
+class ConceptBusy(RuntimeError):
+    """A concept cannot be deleted now: a batch has its upload and the job may be writing it."""
+
+    def __init__(self, tenant: str, name: str, upload_id: str):
+        self.tenant, self.name, self.upload_id = tenant, name, upload_id
+        super().__init__(f"concept {tenant}/{name} is training (upload {upload_id}); "
+                         "delete it once it is ready or failed")
+
+
 def discard_upload(store: ArtifactStore, tenant: str, name: str, upload_id: str) -> None:
-    """Remove an upload that no batch has claimed (a deleted concept): marker last, so it is never lost
-    half-way: a marker without its upload is removed by the dispatcher."""
-    store.delete_prefix(upload_prefix(tenant, name, upload_id))
+    """Remove an upload no batch has claimed (a deleted concept), or raise `ConceptBusy`.
+
+    The upload is claimed for no batch first (create-if-absent, the dispatcher's own primitive), so
+    a dispatcher that looks at it meanwhile can no longer take it; a claim already there means a batch
+    has it. Then the upload goes, its marker last: a marker without its upload is removed by the
+    dispatcher, so nothing is lost half-way."""
+    prefix = upload_prefix(tenant, name, upload_id)
+    if not _put_json_if_absent(store, f"{prefix}/claim.json", {"discarded": True, "at": _now()}):
+        claim = _get_json(store, f"{prefix}/claim.json")
+        if claim is not None and not claim.get("discarded") and not store.exists(f"{prefix}/result.json"):
+            raise ConceptBusy(tenant, name, upload_id)
+    store.delete_prefix(prefix)
     store.delete_key(pending_key(upload_id))
 
 
@@ -369,7 +387,8 @@ class Dispatcher:
                  clock: Callable[[], float] = time.time, env: dict[str, str] | None = None):
         self.store, self.jobs, self.config, self.clock = store, jobs, config, clock
         self.env = env or {}  # environment variables for the jobs (e.g. the S3 endpoint)
-        # Written once and never changed: safe to remember (a deleted upload loses its marker first).
+        # Written once and never changed: safe to remember. A deleted upload's document stays here; what
+        # must know whether it still exists (before a job is asked for) reads the store.
         self._docs: dict[str, Upload] = {}
         self._claims: dict[str, str] = {}
 
@@ -384,7 +403,7 @@ class Dispatcher:
     def _claim(self, tenant: str, name: str, upload_id: str) -> str | None:
         if upload_id not in self._claims:
             claim = _get_json(self.store, f"{upload_prefix(tenant, name, upload_id)}/claim.json")
-            if claim is None:
+            if claim is None or claim.get("discarded"):  # being deleted: no batch has it, none will
                 return None
             self._claims[upload_id] = check_batch_id(claim["batch"])
         return self._claims[upload_id]
@@ -501,7 +520,8 @@ class Dispatcher:
             return True
         request_key = f"{prefix}/request.json"
         if not self.store.exists(request_key):
-            gone = [m for m in open_ if self._upload(m["tenant"], m["name"], m["id"]) is None]
+            gone = [m for m in open_ if not self.store.exists(
+                f"{upload_prefix(m['tenant'], m['name'], m['id'])}/upload.json")]
             for m in gone:  # deleted before its job was asked for
                 self._result(m, {"status": FAILED, "reason": "deleted"}, report)
             open_ = [m for m in open_ if m not in gone]

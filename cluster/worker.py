@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from cluster.keys import done_key, progress_key, subject_record_key
 from cluster.negatives import PoolInfo, load_index
 from cluster.packing import packs_of_rank
-from cluster.store import ArtifactStore, ConceptNotFound, ObjectNotFound, open_store
+from cluster.store import ArtifactStore, ConceptNotFound, ObjectNotFound, access_errors, open_store
 from yollava.backbone import Backbone, load_backbone
 from yollava.mining import VisionTowerEncoder
 from yollava.pipeline import SubjectSpec, build_sets, to_artifact
@@ -173,8 +173,11 @@ class PackRunner:
         """After each epoch: `jobs/<id>/progress/<owner>/<name>.json` (what a status page shows)."""
         if self.writer:
             for t in todo:
-                self.store.put_json(progress_key(self.job.job_id, t.owner, t.name),
-                                    {"epoch": epoch, "epochs": self.config.epochs})
+                try:
+                    self.store.put_json(progress_key(self.job.job_id, t.owner, t.name),
+                                        {"epoch": epoch, "epochs": self.config.epochs})
+                except (OSError, *access_errors()) as e:  # only the status page's figure is late: go on
+                    log.warning("subject %s: progress after epoch %d not written: %r", t.label, epoch, e)
 
     # -- exactly once ------------------------------------------------------------------------
 

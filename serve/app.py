@@ -36,8 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.lifecycle import forget_concept
-from cluster.queue import (QUEUED, Dispatcher, JobApiError, RayJobs, commit_upload, discard_upload,
-                           unfinished_uploads, upload_state)
+from cluster.queue import ConceptBusy, Dispatcher, JobApiError, RayJobs, commit_upload
 from cluster.store import ConceptNotFound, access_errors, open_store
 from yollava.backbone import load_backbone
 from yollava.tokens import NAME_RE
@@ -484,16 +483,14 @@ class ChatIngress:
         self._name(name)
 
         def delete() -> bool:
-            busy = unfinished_uploads(self.store, tenant).get(name)
-            if busy is not None:
-                state = upload_state(self.store, tenant, name, busy)["status"]
-                if state != QUEUED:  # its job has it: deleting now would race the job's writes
-                    raise ApiError(409, f"concept {name!r} is {state}; delete it once it is ready or failed",
-                                   code="concept_busy", param="name")
-                discard_upload(self.store, tenant, name, busy)
-            # Grants first, then versions, done-markers, job records and uploads (cluster.lifecycle).
-            report = forget_concept(self.store, tenant, name)
-            return bool(report["versions"] or report["uploads"] or busy)
+            # A queued upload discarded first, then grants, versions, done-markers, job records and
+            # uploads (cluster.lifecycle); refused while a batch has the upload (its job may be writing).
+            try:
+                report = forget_concept(self.store, tenant, name)
+            except ConceptBusy:
+                raise ApiError(409, f"concept {name!r} is training; delete it once it is ready or failed",
+                               code="concept_busy", param="name") from None
+            return bool(report["versions"] or report["uploads"])
 
         if not await asyncio.to_thread(delete):
             raise ApiError(404, f"no concept named {name!r}", code="concept_not_found", param="name")

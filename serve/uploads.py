@@ -144,6 +144,7 @@ def prepare_photos(raw: RawUpload, limits: UploadLimits, image: ImageLimits) -> 
             raise UploadError(400, str(e), "invalid_image", label.split(" ")[0]) from None
         if max(im.size) > limits.max_side:
             im.thumbnail((limits.max_side, limits.max_side), Image.Resampling.LANCZOS)
+        im.info.clear()  # stored with no metadata: no colour profile, no text chunks
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         png = buf.getvalue()

@@ -251,3 +251,47 @@ def test_forgetting_a_concept_forgets_its_uploads_and_their_queue_entries(tmp_pa
     assert report["uploads"] == 1
     assert store.list_prefix("uploads/alice/bo") == [] and not store.exists(pending_key(a.id))
     assert unfinished_uploads(store, "alice") == {"mug": other.id} and store.exists(pending_key(other.id))
+
+
+def test_a_concept_in_training_cannot_be_forgotten_and_nothing_of_it_goes(tmp_path, jobs):
+    """Deleting while a batch has the upload would orphan the batch and let its job bring the concept
+    back; it is refused (ConceptBusy), deleting nothing, and the job ends as usual."""
+    from cluster.lifecycle import forget_concept
+    from cluster.queue import ConceptBusy
+    from cluster.store import open_store
+
+    store = open_store((tmp_path / "s").as_uri())
+    jobs.store = store
+    up = commit_upload(store, "alice", "bo", None, photos(1))
+    d = Dispatcher(store, jobs, config(min_batch=1))
+    assert len(d.tick().submitted) == 1  # claimed, request written, submitted
+    before = sorted(store.list_prefix("uploads")) + sorted(store.list_prefix("queue/pending"))
+    with pytest.raises(ConceptBusy, match="alice/bo is training"):
+        forget_concept(store, "alice", "bo")
+    assert sorted(store.list_prefix("uploads")) + sorted(store.list_prefix("queue/pending")) == before
+    jobs.run_all()
+    d.tick()
+    assert upload_state(store, "alice", "bo", up.id)["status"] == READY
+    forget_concept(store, "alice", "bo")  # once ready it goes, all of it
+    assert store.list_prefix("uploads/alice") == [] and store.latest_version("alice", "bo") is None
+
+
+def test_a_discarded_upload_is_never_claimed_even_mid_delete(tmp_path, jobs):
+    """discard_upload claims the upload for no batch before deleting it: a dispatcher looking in the
+    middle of a delete (claim written, files not yet gone) cannot take it, and a queued concept's delete
+    leaves no job behind."""
+    from cluster.lifecycle import forget_concept
+    from cluster.store import open_store
+
+    store = open_store((tmp_path / "s").as_uri())
+    jobs.store = store
+    mid = commit_upload(store, "alice", "bo", None, photos(1))
+    store.put_json(f"{upload_prefix('alice', 'bo', mid.id)}/claim.json", {"discarded": True, "at": "now"})
+    d = Dispatcher(store, jobs, config(min_batch=1))
+    assert d.tick().submitted == [] and jobs.submitted == []
+    assert upload_state(store, "alice", "bo", mid.id)["status"] == QUEUED  # (gone in a moment)
+    queued = commit_upload(store, "bob", "cup", None, photos(2))
+    report = forget_concept(store, "bob", "cup")
+    assert report["uploads"] == 1 and not store.exists(pending_key(queued.id))
+    assert d.tick().submitted == [] and jobs.submitted == []
+    assert store.list_prefix("uploads/bob") == []

@@ -229,3 +229,30 @@ def test_upload_config_is_checked_when_the_app_is_built():
         with pytest.raises(ValidationError, match=field):
             AppArgs(store="file:///tmp/x", keys="k.json", uploads=bad)
     assert AppArgs(store="file:///tmp/x", keys="k.json").uploads is None  # uploads are asked for, never implied
+
+
+def test_stored_photos_carry_no_metadata():
+    """A photo's colour profile, EXIF and text chunks are not stored (ADR 002: PNG, no metadata)."""
+    from PIL import PngImagePlugin
+
+    from serve.images import ImageLimits
+    from serve.uploads import RawUpload, UploadLimits, prepare_photos
+
+    src = random_photo(7)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "taken at home, 12 Main St")
+    buf = io.BytesIO()
+    src.save(buf, format="PNG", icc_profile=b"not-a-real-profile" * 8, pnginfo=info)
+    assert b"iCCP" in buf.getvalue() and b"Main St" in buf.getvalue()
+    raw = RawUpload("bo", None, [(f"photos[{i}]", buf.getvalue() if i == 0 else _png(random_photo(i)))
+                                 for i in range(3)])
+    stored = prepare_photos(raw, UploadLimits(), ImageLimits(max_bytes=10_000_000, max_pixels=10_000_000))
+    png = stored[0][0]
+    assert b"iCCP" not in png and b"Main St" not in png and b"tEXt" not in png
+    assert Image.open(io.BytesIO(png)).size == src.size
+
+
+def _png(im) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
