@@ -338,6 +338,8 @@ class QueueConfig(BaseModel):
     max_attempts: int = Field(3, ge=1, description="jobs per batch when jobs die without a summary")
     poll_s: float = Field(2.0, gt=0, description="how often the queue and its jobs are looked at")
     abandon_s: float = Field(900.0, gt=0, description="an upload not committed after this is removed")
+    submit_deadline_s: float = Field(900.0, gt=0, description="an attempt the job API never accepted (down, "
+                                     "or refusing the job) fails its batch after this long")
     job_api: str | None = Field(None, description="Ray job API address; None: the Ray cluster of the service")
     python: str | None = Field(None, description="the jobs' Python (default: the service's own interpreter)")
     workers: int = Field(1, ge=1)
@@ -543,7 +545,18 @@ class Dispatcher:
             self._finish(batch, job_id, open_, summary, report)
             return True
         if state is None and not self.store.list_prefix(job_prefix(job_id)):
-            # Ray does not know it and it never started (the submission was lost): submit it again.
+            # Ray does not know it and it never started (the submission was lost or refused): submit it
+            # again, until the attempt is older than submit_deadline_s; then its members fail, said so.
+            record = _get_json(self.store, f"{prefix}/attempts/{n}.json") or {}
+            waited = self.clock() - float(record.get("t", self.clock()))
+            if waited > self.config.submit_deadline_s:
+                log.error("batch %s: job %s not accepted by the job API in %.0f s; its members fail",
+                          batch, job_id, waited)
+                for m in open_:
+                    self._result(m, {"status": FAILED, "job_id": job_id, "reason": "training could not start: the "
+                                     f"cluster did not accept its job in {waited:.0f} s"}, report)
+                _put_json_if_absent(self.store, f"{prefix}/done.json", {"finished": _now(), "members": len(members)})
+                return True
             self._submit(batch, n, report, again=True)
             return False
         # Ray's message holds the job's log, with other tenants' subjects: for the operator's log only.
@@ -592,7 +605,7 @@ class Dispatcher:
 
     def _submit(self, batch: str, n: int, report: TickReport, again: bool = False) -> None:
         job_id = attempt_job_id(batch, n)
-        record = {"attempt": n, "job_id": job_id, "at": _now()}
+        record = {"attempt": n, "job_id": job_id, "at": _now(), "t": self.clock()}
         if not again and not _put_json_if_absent(self.store, f"{batch_prefix(batch)}/attempts/{n}.json", record):
             return  # another dispatcher is submitting this attempt
         runtime_env = dict(self.config.runtime_env or {})

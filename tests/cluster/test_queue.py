@@ -295,3 +295,25 @@ def test_a_discarded_upload_is_never_claimed_even_mid_delete(tmp_path, jobs):
     assert report["uploads"] == 1 and not store.exists(pending_key(queued.id))
     assert d.tick().submitted == [] and jobs.submitted == []
     assert store.list_prefix("uploads/bob") == []
+
+
+def test_a_job_the_api_keeps_refusing_fails_its_batch_after_the_deadline(tmp_path, jobs):
+    """A submission refused every time (a 4xx from Ray's job API) used to leave the upload in
+    `training` forever, undeletable; after submit_deadline_s its members fail with a reason."""
+    from cluster.store import open_store
+
+    store = open_store((tmp_path / "s").as_uri())
+    jobs.store = store
+    now = [1e9]
+    up = commit_upload(store, "alice", "bo", None, photos(1))
+    jobs.lose_next = 10**6  # every submission refused
+    d = Dispatcher(store, jobs, config(min_batch=1, submit_deadline_s=120), clock=lambda: now[0])
+    for _ in range(5):
+        report = d.tick()
+        assert report.errors and upload_state(store, "alice", "bo", up.id)["status"] == TRAINING
+        now[0] += 20
+    now[0] += 100
+    d.tick()
+    state = upload_state(store, "alice", "bo", up.id)
+    assert state["status"] == FAILED and "did not accept its job" in state["reason"], state
+    assert jobs.submitted == [] and unfinished_uploads(store, "alice") == {}
