@@ -59,6 +59,7 @@ from typing import Any, Callable, Protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster.keys import job_prefix, progress_key, subject_record_key
+from cluster.policy import PolicyError, load_policy
 from cluster.store import ArtifactStore, FileStore, ObjectNotFound
 from yollava.recipe import RecipeConfig
 from yollava.tokens import check_name
@@ -430,6 +431,8 @@ class Dispatcher:
                 report.errors.append(str(e))
         busy = {(p.tenant, p.name) for p in pending if p.claim is not None and not p.final}
         waiting = [p for p in pending if p.upload is not None and p.claim is None and not p.final]
+        if running < self.config.max_active_jobs and self._due(waiting):
+            waiting = self._outside_policy(waiting, report)
         while running < self.config.max_active_jobs and self._due(waiting):
             chosen, seen = [], set(busy)
             for p in waiting:
@@ -450,6 +453,30 @@ class Dispatcher:
                 log.warning("batch %s: %s (retried at the next look)", batch, e)
                 report.errors.append(str(e))
         return report
+
+    def _outside_policy(self, waiting: list[_Pending], report: TickReport) -> list[_Pending]:
+        """Uploads the owner policy the jobs will read does not allow fail here, alone: in a job, one
+        owner's refusal refuses the whole request, every other tenant's subjects with it."""
+        try:
+            policy = load_policy(self.config.policy, self.store)
+        except PolicyError as e:  # the jobs would refuse every request too: nothing is batched until fixed
+            log.error("upload queue: the owner policy cannot be read (%s); no batch until it is fixed", e)
+            report.errors.append(str(e))
+            return []
+        if policy is None:
+            return waiting
+        kept = []
+        for p in waiting:
+            photos = self.object_uri(f"{upload_prefix(p.tenant, p.name, p.upload_id)}/photos")
+            if policy.allows(p.tenant, photos):
+                kept.append(p)
+                continue
+            log.error("upload %s of %s/%s: the owner policy does not allow %s for owner %r; operator: add the "
+                      "tenant's uploads prefix to the policy", p.upload_id, p.tenant, p.name, photos, p.tenant)
+            self._result({"id": p.upload_id, "tenant": p.tenant, "name": p.name},
+                         {"status": FAILED, "reason": "the service's owner policy does not allow training on "
+                          "your uploads; ask its operator"}, report)
+        return kept
 
     def _due(self, waiting: list[_Pending]) -> bool:
         if not waiting:

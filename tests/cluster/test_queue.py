@@ -317,3 +317,31 @@ def test_a_job_the_api_keeps_refusing_fails_its_batch_after_the_deadline(tmp_pat
     state = upload_state(store, "alice", "bo", up.id)
     assert state["status"] == FAILED and "did not accept its job" in state["reason"], state
     assert jobs.submitted == [] and unfinished_uploads(store, "alice") == {}
+
+
+def test_an_upload_the_owner_policy_does_not_allow_fails_alone(tmp_path, jobs):
+    """In a job, one owner outside the policy refuses the whole request; the queue fails that upload
+    before batching, with a reason of its own, and the other tenant's trains."""
+    import yaml
+
+    from cluster.policy import POLICY_KEY
+    from cluster.store import open_store
+
+    store = open_store((tmp_path / "s").as_uri())
+    jobs.store = store
+    store.put_bytes(POLICY_KEY, yaml.safe_dump({"owners": {"alice": [f"{tmp_path / 's'}/uploads/alice/"]}}).encode())
+    ok = commit_upload(store, "alice", "bo", None, photos(1))
+    refused = commit_upload(store, "bob", "cup", None, photos(2))
+    d = Dispatcher(store, jobs, config(min_batch=1))
+    assert len(d.tick().submitted) == 1
+    state = upload_state(store, "bob", "cup", refused.id)
+    assert state["status"] == FAILED and "owner policy" in state["reason"], state
+    assert "alice" not in state["reason"] and str(tmp_path) not in state["reason"]
+    jobs.run_all()
+    d.tick()
+    assert upload_state(store, "alice", "bo", ok.id)["status"] == READY
+    store.put_bytes(POLICY_KEY, b"owners: [not, a, mapping]")  # broken: nothing is batched, it says why
+    later = commit_upload(store, "alice", "mug", None, photos(3))
+    report = d.tick()
+    assert report.submitted == [] and report.errors
+    assert upload_state(store, "alice", "mug", later.id)["status"] == QUEUED
