@@ -26,10 +26,10 @@ unless `YOLLAVA_TEST_S3_ENDPOINT` names one.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
-import pickle
 import random
 import tempfile
 import threading
@@ -64,8 +64,9 @@ def concept(owner: str, name: str, seed: int, k: int = 2, d: int = 16) -> Concep
 
 
 def handle(store: ArtifactStore, seed: int, max_delay_s: float = 0.004) -> ArtifactStore:
-    """A separate handle on the same store (its own S3 client), with a little latency on every call."""
-    return slowed(pickle.loads(pickle.dumps(store)), seed, max_delay_s)
+    """A separate handle on the same store (its own S3 client: the copy goes through the store's
+    __getstate__/__setstate__, as a store sent to a Ray worker does), with a little latency on every call."""
+    return slowed(copy.copy(store), seed, max_delay_s)
 
 
 # -- racing writers ------------------------------------------------------------------------------------
@@ -310,20 +311,19 @@ def fault_run(workdir: Path, endpoint: str, every: int, local: bool = False) -> 
 
 @contextmanager
 def _env(**values: str | None) -> Iterator[None]:
+    def put(env: dict[str, str | None]) -> None:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     old = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        put(values)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        put(old)
 
 
 @contextmanager

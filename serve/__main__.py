@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from serve.keys import create_key
@@ -92,13 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     for tenant, key in demo.items():
         print(f"  demo key for {tenant}: {key}")
     print(f"  try: curl {url}/v1/models -H 'Authorization: Bearer <key>'\n  Ctrl-C to stop.", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        app.stop()
+    app.serve_until_interrupted()
     return 0
 
 

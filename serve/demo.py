@@ -188,13 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     for t, k in keys.items():
         print(f"  key for {t}: {k}", flush=True)
     print("  Ctrl-C stops it.", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        app.stop()
+    app.serve_until_interrupted()
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 from serve.app import AppArgs, build_app
@@ -29,6 +30,16 @@ class LocalApp:
         serve.shutdown()
         if self.started_ray:
             ray.shutdown()
+
+    def serve_until_interrupted(self) -> None:
+        """Keep serving until Ctrl-C, then stop."""
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
 
 
 def start(args: AppArgs, host: str = "127.0.0.1", port: int | None = None, env: dict | None = None,

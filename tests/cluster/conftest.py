@@ -26,19 +26,10 @@ MULTIPART = {"multipart_threshold": 5 * MiB, "multipart_chunksize": 5 * MiB}
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """URL of an S3-compatible server: CI's, or a moto server started here and stopped at the end."""
-    external = os.environ.get(ENDPOINT_ENV)
-    if external:
-        yield external
-        return
-    from moto.server import ThreadedMotoServer
+    from bench.reliability import s3_server
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    with s3_server() as url:
+        yield url
 
 
 @pytest.fixture

@@ -43,18 +43,25 @@ def tamper(store, owner, name, version=1):
     store.put_bytes(key, bytes(data))
 
 
+class TenantClients:
+    """`client(tenant)`: an HTTP client of the app at `self.url` with that tenant's key (`self.keys`)."""
+
+    url: str
+    keys: dict
+
+    def client(self, tenant: str | None = None, **kw) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.keys[tenant]}"} if tenant else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kw)
+
+
 @dataclass
-class LiveApp:
+class LiveApp(TenantClients):
     url: str
     keys: dict
     store: object
     store_uri: str
     endpoint: str
     extra: dict = field(default_factory=dict)
-
-    def client(self, tenant: str | None = None, **kw) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.keys[tenant]}"} if tenant else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kw)
 
 
 @pytest.fixture(scope="session")

@@ -8,21 +8,17 @@ from pathlib import Path
 import httpx
 
 from serve.keys import create_key
-from tests.serve.conftest import ROOT, free_port
+from tests.serve.conftest import ROOT, TenantClients, free_port
 
 SAMPLES = ROOT / "examples" / "miniworld"
 
 
 @dataclass
-class UploadApp:
+class UploadApp(TenantClients):
     url: str
     keys: dict
     store_uri: str
     args: dict = field(default_factory=dict)
-
-    def client(self, tenant: str | None = None, **kw) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.keys[tenant]}"} if tenant else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kw)
 
     def deploy(self, **changes) -> None:
         """(Re)deploy the app; a changed `uploads` restarts the queue's replica, as a redeploy does."""
