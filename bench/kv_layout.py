@@ -1,11 +1,18 @@
-"""KV layout for continuous batching: one padded cache joined/selected along the batch
-(what `yollava.generate.Decoder` does) vs per-row caches stacked into a batch every step.
+"""KV layout for continuous batching: the decoder's in-place buffers vs the layouts before it.
 
     python -m bench.kv_layout [--small]
 
-Both run the same churn in one process (same model, requests, arrival steps, greedy), side by
-side and alternating over rounds; both must give the same tokens (checked). Printed: decode
-tokens/s of each and their ratio per model width; the last line is one JSON object.
+Three layouts run the same churn in one process (same model, requests, arrival steps, greedy),
+side by side and alternating over rounds; all must give the same tokens (checked):
+
+- in_place: `yollava.generate.Decoder`: buffers with spare columns and rows; a step writes its
+  column in place, a retired row's slot is filled by moving one row, newcomers are written into
+  free rows (the whole cache is copied only when the spare runs out);
+- concat: one padded cache as before (TGI's layout before paged attention): every step
+  concatenates the new column onto the whole cache, retiring and joining copy it all;
+- per_row: each row keeps its own keys and values, stacked (left-padded) into a batch every step.
+
+Printed: decode tokens/s of each and the ratios per model width; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -18,14 +25,34 @@ import time
 from dataclasses import replace
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from yollava.backbone import Backbone
-from yollava.generate import Decoder, GenerationRequest, Generator, SamplingParams, _pad_left, _select
+from yollava.generate import Decoder, GenerationRequest, Generator, SamplingParams, _join, _pad_left, _select
 from yollava.prompt import Message
 from yollava.tiny import TinySizes, build_tiny_llava
 
 
-class PerRowDecoder(Decoder):
+def _concat_cache(b) -> DynamicCache:
+    """A DynamicCache over the batch's keys and values: the model concatenates its new column."""
+    cache = DynamicCache()
+    for k, v in b.views():
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
+
+
+class ConcatDecoder(Decoder):
+    """The layout before the in-place buffers: copies of the whole cache at every step."""
+
+    _retire_rows = staticmethod(_select)
+    _add_rows = staticmethod(_join)
+    _cache = staticmethod(_concat_cache)
+
+
+class PerRowDecoder(ConcatDecoder):
     """Each row keeps its own (1, H, L, D) keys and values; every step stacks them (left-padded)
     into one batch, runs it, and appends the new column to each row's own tensors."""
 
@@ -33,7 +60,7 @@ class PerRowDecoder(Decoder):
         b = super()._prefill(rows)
         for i, row in enumerate(b.rows):
             n = int(b.mask[i].sum())
-            row.kv = [(k[i:i + 1, :, -n:].clone(), v[i:i + 1, :, -n:].clone()) for k, v in b.kv]
+            row.kv = [(k[i:i + 1, :, -n:].clone(), v[i:i + 1, :, -n:].clone()) for k, v in b.views()]
         return replace(b, kv=[])
 
     def _forward(self, full, rows, chosen):
@@ -42,10 +69,10 @@ class PerRowDecoder(Decoder):
         stacked = [(torch.cat([_pad_left(r.kv[layer][0], T - r.kv[layer][0].shape[2], -2) for r in b.rows]),
                     torch.cat([_pad_left(r.kv[layer][1], T - r.kv[layer][1].shape[2], -2) for r in b.rows]))
                    for layer in range(len(b.rows[0].kv))]  # (B, H, T, D) per layer
-        out = super()._forward(replace(b, kv=stacked), b.rows, chosen)
-        for i, r in enumerate(out.rows):
+        out = super()._forward(replace(b, kv=stacked, lo=0), b.rows, chosen)
+        for i, r in enumerate(out.rows):  # the new column is the batch's last
             r.kv = [(torch.cat([kr, k[i:i + 1, :, -1:]], 2), torch.cat([vr, v[i:i + 1, :, -1:]], 2))
-                    for (kr, vr), (k, v) in zip(r.kv, out.kv)]
+                    for (kr, vr), (k, v) in zip(r.kv, out.views())]
         return replace(out, kv=[])
 
 
@@ -102,22 +129,26 @@ def main(argv=None) -> dict:
     for hidden, layers, words, new in shapes:
         gen = Generator(backbone(hidden, layers))
         reqs, arrivals = workload(args.requests, 0, words, new)
-        tps = {"concat": [], "per_row": []}
+        arms = [("in_place", Decoder), ("concat", ConcatDecoder), ("per_row", PerRowDecoder)]
+        tps = {name: [] for name, _ in arms}
         outs = {}
         for r in range(args.rounds):
-            order = [("concat", Decoder), ("per_row", PerRowDecoder)]
-            for name, cls in order if r % 2 == 0 else order[::-1]:
+            for name, cls in arms[r % 3:] + arms[:r % 3]:
                 secs, toks, outs[name] = run(cls(gen), reqs, arrivals, args.max_batch)
                 tps[name].append(toks / secs)
-        assert outs["concat"] == outs["per_row"], "the two layouts gave different tokens"
-        c, pr = statistics.median(tps["concat"]), statistics.median(tps["per_row"])
+        for name in ("concat", "per_row"):
+            assert outs[name] == outs["in_place"], f"the {name} layout gave different tokens"
+        med = {name: statistics.median(v) for name, v in tps.items()}
         key = f"h{hidden}x{layers}"
-        result[f"{key}_concat_tokens_per_s"] = round(c, 1)
-        result[f"{key}_per_row_tokens_per_s"] = round(pr, 1)
-        result[f"{key}_concat_over_per_row"] = round(c / pr, 3)
+        for name, v in med.items():
+            result[f"{key}_{name}_tokens_per_s"] = round(v, 1)
+        result[f"{key}_in_place_over_concat"] = round(med["in_place"] / med["concat"], 3)
+        result[f"{key}_in_place_over_per_row"] = round(med["in_place"] / med["per_row"], 3)
         print(f"text {hidden}x{layers}, prompts of {words[0]}-{words[1]} words, {new[0]}-{new[1]} new tokens, "
-              f"{args.requests} requests, batch <= {args.max_batch}: pad/concatenate {c:.1f} tokens/s, "
-              f"per-row stacked {pr:.1f} tokens/s, ratio {c / pr:.3f} (median of {args.rounds} rounds)")
+              f"{args.requests} requests, batch <= {args.max_batch}: in place {med['in_place']:.1f} tokens/s, "
+              f"concatenating {med['concat']:.1f}, per-row stacked {med['per_row']:.1f}; in place / concat "
+              f"{med['in_place'] / med['concat']:.3f}, / per-row {med['in_place'] / med['per_row']:.3f} "
+              f"(median of {args.rounds} rounds)")
     print(json.dumps(result))
     return result
 

@@ -6,6 +6,7 @@ import random
 import pytest
 
 from tests.conftest import random_photo, random_rows
+from yollava import generate
 from yollava.generate import (MAX_SEED, MIN_TEMPERATURE, GenerationRequest, Generator, IncrementalText, RowError,
                               SamplingParams)
 from yollava.prompt import Message, PromptEncoder
@@ -182,11 +183,15 @@ def _check_stream(evs):
     return evs[-1][1]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_churn_keeps_every_answer_and_isolates_the_poisoned_row(tiny, seed):
+@pytest.mark.parametrize("seed,spare", [(0, None), (1, None), (2, (1, 1))])
+def test_churn_keeps_every_answer_and_isolates_the_poisoned_row(tiny, seed, spare, monkeypatch):
     """Random arrivals, lengths and cancellations, one poisoned row: every surviving request's
     answer (greedy and seeded) is its solo answer, the poisoned row alone gets an error, a cancelled
-    row gets no more text, and no text is delivered twice."""
+    row gets no more text, and no text is delivered twice. With `spare` (columns, rows) the cache's
+    buffers run out of room all the time, so rebuilding them is exercised too."""
+    if spare is not None:
+        monkeypatch.setattr(generate, "SPARE_COLUMNS", spare[0])
+        monkeypatch.setattr(generate, "SPARE_ROWS", spare[1])
     rng = random.Random(seed)
     gen = Generator(tiny)
     reqs = _churn_requests(tiny, 14, rng)
@@ -259,6 +264,39 @@ def test_kv_cache_holds_only_live_rows(tiny):
         dec.step()
     assert len(dec) == 1 and "long" not in dec
     assert dec.kv_tokens == len(gen.encode(short)) + 3  # the long row's padding is gone
+
+
+def test_steps_retirements_and_newcomers_work_in_place(tiny):
+    """Once the cache has room, a step, a row leaving and a newcomer joining write into the same
+    buffers (no copy of the whole cache), and the answers are still the solo ones."""
+    gen = Generator(tiny)
+    reqs = {i: GenerationRequest([Message("user", "hi " * (i + 1))], [], [], SamplingParams(max_new_tokens=n))
+            for i, n in enumerate([3, 12, 12])}
+    late = {f"late{i}": GenerationRequest([Message("user", "hello " * i)], [], [], SamplingParams(max_new_tokens=5))
+            for i in (1, 2)}
+    solo = {k: gen.generate([r])[0].token_ids for k, r in {**reqs, **late}.items()}
+    dec = gen.decoder()
+    done = {}
+
+    def step():
+        for key, kind, value in dec.step():
+            assert kind != "error", value
+            if kind == "done":
+                done[key] = value.token_ids
+
+    dec.admit(reqs)
+    step()  # the first step moves the prefill's cache into buffers with room to spare
+    buf = dec._batch.kv[0][0]
+    step()
+    step()  # row 0 ends here
+    assert len(dec) == 2 and 0 in done
+    dec.admit(late)  # one takes the slot row 0 left, one a spare row
+    assert len(dec) == 4
+    while len(dec):
+        step()
+        if len(dec):
+            assert dec._batch.kv[0][0] is buf  # the same buffer all along
+    assert done == solo
 
 
 def test_incremental_text_equals_whole_decode(tiny):

@@ -153,31 +153,89 @@ class _Row:
 
 @dataclass
 class _Batch:
-    """Live rows and their cache: functional (select and join build new batches)."""
+    """Live rows and their cache.
+
+    The keys and values live in per-layer buffers with room to spare: rows [0, B) and columns
+    [lo, lo + T) are the batch (left-padded), columns after it are free for the next steps, rows
+    after it for newcomers. Stepping, retiring (`_retire`) and joining newcomers (`_append`) work
+    in place on the buffers and hand back a new `_Batch` (the old one is spent); `_select` and
+    `_join` copy, leaving their inputs intact (failure isolation runs halves of a batch with them).
+    """
 
     rows: list[_Row]
-    kv: list[tuple[Tensor, Tensor]]  # per layer: keys, values (B, H, T, D), left-padded
+    kv: list[tuple[Tensor, Tensor]]  # per layer: key and value buffers (R >= B, H, C >= lo + T, D)
     mask: Tensor  # (B, T) 1 = a real token
     pos: Tensor  # (B, 1) position of each row's last token
     h: Tensor  # (B, d) hidden state at each row's last token: the next token's scores come from it
     table: ConceptTable  # (B, S, d) each row's own concept rows
+    lo: int = 0  # the batch's first column in the buffers
 
     @property
     def width(self) -> int:
         return self.mask.shape[1]
 
+    def views(self) -> list[tuple[Tensor, Tensor]]:
+        """Per layer: the batch's keys and values, (B, H, T, D) views into the buffers."""
+        B, lo, hi = len(self.rows), self.lo, self.lo + self.width
+        return [(k[:B, :, lo:hi], v[:B, :, lo:hi]) for k, v in self.kv]
 
-def _select(b: _Batch | None, idx: Sequence[int]) -> _Batch | None:
-    """Rows `idx` of `b` (None if none); columns no kept row uses any more are cut off the left."""
+
+SPARE_COLUMNS = 64  # a rebuilt buffer's free columns: steps write their keys and values in place
+SPARE_ROWS = 8  # a rebuilt buffer's free rows: newcomers are written in place
+
+
+def _buffer(t: Tensor, left: int = 0, rows: int = 0) -> Tensor:
+    """(B, H, T, D) -> a (B + rows, H, left + T + SPARE_COLUMNS, D) buffer holding `t` after
+    `left` zero columns; the spare rows and columns are written before they are ever read."""
+    B, H, T, D = t.shape
+    buf = t.new_empty(B + rows, H, left + T + SPARE_COLUMNS, D)
+    buf[:B, :, :left].zero_()
+    buf[:B, :, left:left + T].copy_(t)
+    return buf
+
+
+def _select(b: _Batch | None, idx: Sequence[int], spare_rows: int = 0) -> _Batch | None:
+    """Rows `idx` of `b` in new buffers (None if none), `b` intact; columns no kept row uses any
+    more are cut off the left."""
     if b is None or not idx:
         return None
-    if list(idx) == list(range(len(b.rows))):
+    if list(idx) == list(range(len(b.rows))) and not spare_rows:
         return b
     i = torch.tensor(list(idx), device=b.mask.device)
     mask = b.mask[i]  # (n, T)
     first = int(mask.any(0).int().argmax())  # the first column some kept row uses
-    kv = [(k[i, :, first:], v[i, :, first:]) for k, v in b.kv]  # (n, H, T - first, D)
+    kv = [(_buffer(k[i, :, first:], rows=spare_rows), _buffer(v[i, :, first:], rows=spare_rows))
+          for k, v in b.views()]  # (n + spare_rows, H, T - first + SPARE_COLUMNS, D)
     return _Batch([b.rows[j] for j in idx], kv, mask[:, first:], b.pos[i], b.h[i], b.table.select(i))
+
+
+def _retire(b: _Batch | None, keep: Sequence[int]) -> _Batch | None:
+    """Rows `keep` of `b`, in place (`b` is spent): the kept rows past the new end move into the
+    slots of rows that leave (only theirs are copied; the order of rows changes), and columns no
+    kept row uses any more are cut off the left."""
+    if b is None or not keep:
+        return None
+    B, n = len(b.rows), len(keep)
+    if n == B:
+        return b
+    kept = set(keep)
+    holes = [i for i in range(n) if i not in kept]  # slots freed inside the new batch
+    movers = [i for i in keep if i >= n]  # kept rows past its end, one per hole
+    order = list(range(n))
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    if holes:
+        dst = torch.tensor(holes, device=b.mask.device)
+        src = torch.tensor(movers, device=b.mask.device)
+        for (k, v), (kb, vb) in zip(b.views(), b.kv):
+            lo, hi = b.lo, b.lo + b.width
+            kb[:, :, lo:hi].index_copy_(0, dst, k[src])  # (holes, H, T, D) rows moved
+            vb[:, :, lo:hi].index_copy_(0, dst, v[src])
+    i = torch.tensor(order, device=b.mask.device)
+    mask = b.mask[i]  # (n, T)
+    first = int(mask.any(0).int().argmax())
+    return _Batch([b.rows[j] for j in order], b.kv, mask[:, first:], b.pos[i], b.h[i], b.table.select(i),
+                  b.lo + first)
 
 
 def _pad_left(t: Tensor, n: int, dim: int) -> Tensor:
@@ -203,28 +261,79 @@ def _join_tables(a: ConceptTable, b: ConceptTable) -> ConceptTable:
                         torch.cat([a.valid, b.valid]), torch.cat([a.generatable, b.generatable]))
 
 
-def _join(a: _Batch | None, b: _Batch | None) -> _Batch | None:
-    """`a`'s rows then `b`'s, left-padded to the wider of the two."""
+def _joined(a: _Batch, b: _Batch, kv: list[tuple[Tensor, Tensor]], lo: int) -> _Batch:
+    """`a`'s rows then `b`'s over the buffers `kv` (already holding both, from column `lo`)."""
+    T = max(a.width, b.width)
+    mask = torch.cat([_pad_left(a.mask, T - a.width, -1), _pad_left(b.mask, T - b.width, -1)])  # (Ba + Bb, T)
+    return _Batch(a.rows + b.rows, kv, mask, torch.cat([a.pos, b.pos]), torch.cat([a.h, b.h]),
+                  _join_tables(a.table, b.table), lo)
+
+
+def _join(a: _Batch | None, b: _Batch | None, spare_rows: int = 0) -> _Batch | None:
+    """`a`'s rows then `b`'s, left-padded to the wider of the two, in new buffers (both intact)."""
     if a is None or b is None:
         return a if b is None else b
     T = max(a.width, b.width)
-    pa, pb = T - a.width, T - b.width
-    kv = [(torch.cat([_pad_left(ka, pa, -2), _pad_left(kb, pb, -2)]),  # (Ba + Bb, H, T, D)
-           torch.cat([_pad_left(va, pa, -2), _pad_left(vb, pb, -2)]))
-          for (ka, va), (kb, vb) in zip(a.kv, b.kv)]
-    mask = torch.cat([_pad_left(a.mask, pa, -1), _pad_left(b.mask, pb, -1)])  # (Ba + Bb, T)
-    return _Batch(a.rows + b.rows, kv, mask, torch.cat([a.pos, b.pos]), torch.cat([a.h, b.h]),
-                  _join_tables(a.table, b.table))
+
+    def cat(x: Tensor, y: Tensor) -> Tensor:  # (Ba | Bb, H, ., D) -> (Ba + Bb + spare_rows, H, T + SPARE_COLUMNS, D)
+        out = torch.cat([_buffer(x, T - a.width), _buffer(y, T - b.width)])
+        return torch.cat([out, out.new_empty(spare_rows, *out.shape[1:])]) if spare_rows else out
+
+    kv = [(cat(ka, kb), cat(va, vb)) for (ka, va), (kb, vb) in zip(a.views(), b.views())]
+    return _joined(a, b, kv, 0)
 
 
-def _cache(kv: Sequence[tuple[Tensor, Tensor]]) -> DynamicCache:
-    """A fresh DynamicCache over these tensors (no copy): the model appends to it, `kv` stays as it was."""
+def _append(a: _Batch | None, b: _Batch) -> _Batch:
+    """`a`'s rows then `b`'s, written into `a`'s buffers (`a` is spent; `b` intact) when they have
+    the rows and the columns to the left; otherwise both are copied into new, larger buffers."""
+    if a is None:
+        return b
+    Ba, Bb, T = len(a.rows), len(b.rows), max(a.width, b.width)
+    hi = a.lo + a.width  # every row's last column
+    lo = hi - T
+    if lo < 0 or Ba + Bb > a.kv[0][0].shape[0]:
+        return _join(a, b, spare_rows=SPARE_ROWS)
+    for (ka, va), (kb, vb) in zip(a.kv, b.views()):
+        for buf, new in ((ka, kb), (va, vb)):
+            buf[:Ba, :, lo:a.lo].zero_()  # columns the running rows did not use (stale values)
+            buf[Ba:Ba + Bb, :, lo:hi - b.width].zero_()  # the newcomers' left padding
+            buf[Ba:Ba + Bb, :, hi - b.width:hi].copy_(new)
+    return _joined(a, b, a.kv, lo)
+
+
+class _AppendLayer(DynamicLayer):
+    """One layer's keys and values as a view into the batch's buffers: a step writes its column
+    in place, after the batch's (the buffers are rebuilt only when their spare columns run out),
+    instead of DynamicLayer's concatenation, which copies the whole cache at every step."""
+
+    def __init__(self, keys: Tensor, values: Tensor, rows: int, lo: int, width: int):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values  # buffers (R, H, C, D)
+        self.rows, self.lo, self.width = rows, lo, width
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        B, lo, n = self.rows, self.lo, key_states.shape[-2]  # (B, H, n, D) new columns
+        if lo + self.width + n > self.keys.shape[-2]:  # out of columns: rebuilt from column 0
+            spare = max(self.keys.shape[0] - B, SPARE_ROWS)
+            self.keys = _buffer(self.keys[:B, :, lo:lo + self.width], rows=spare)
+            self.values = _buffer(self.values[:B, :, lo:lo + self.width], rows=spare)
+            self.lo = lo = 0
+        hi = lo + self.width
+        self.keys[:B, :, hi:hi + n] = key_states
+        self.values[:B, :, hi:hi + n] = value_states
+        self.width += n
+        return self.keys[:B, :, lo:hi + n], self.values[:B, :, lo:hi + n]  # (B, H, width, D) views
+
+    def get_seq_length(self) -> int:
+        return self.width
+
+
+def _cache(b: _Batch) -> DynamicCache:
+    """A cache over `b`'s buffers (no copy): the model writes its new columns after the batch's, in
+    place, so `b` itself is not changed (a batch whose step failed can still be selected from)."""
     cache = DynamicCache()
-    for k, v in kv:
-        layer = DynamicLayer()
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
-        cache.layers.append(layer)
+    cache.layers = [_AppendLayer(k, v, len(b.rows), b.lo, b.width) for k, v in b.kv]
     return cache
 
 
@@ -289,7 +398,7 @@ class Decoder:
             for row in new.rows:
                 row.req = None  # photos and concept rows are in the cache and table now
                 self._rows[row.key] = row
-            self._batch = _join(self._batch, new)
+            self._batch = self._add_rows(self._batch, new)
         return events
 
     def _prefill(self, rows: list[_Row]) -> _Batch:
@@ -315,7 +424,7 @@ class Decoder:
         for row in b.rows:
             if row.cancelled:
                 self._rows.pop(row.key, None)
-        b = _select(b, [i for i, r in enumerate(b.rows) if not r.cancelled])
+        b = self._retire_rows(b, [i for i, r in enumerate(b.rows) if not r.cancelled])
         if b is None:
             self._batch = None
             return events
@@ -342,7 +451,7 @@ class Decoder:
                 nxt.append(0)
                 self._fail(row, e, events)
         chosen = {row.key: token for row, token in zip(b.rows, nxt) if row.finish is None}
-        b = _select(b, [i for i, r in enumerate(b.rows) if r.finish is None])
+        b = self._retire_rows(b, [i for i, r in enumerate(b.rows) if r.finish is None])
         self._batch = self._isolating(lambda rows, full=b: self._forward(full, rows, chosen),
                                       b.rows, events) if b is not None else None
         return events
@@ -353,8 +462,20 @@ class Decoder:
         ids = torch.tensor([chosen[r.key] for r in b.rows], device=b.mask.device).unsqueeze(1)  # (B, 1)
         mask = torch.cat([b.mask, torch.ones_like(ids)], dim=1)  # (B, T + 1)
         pos = b.pos + 1
-        h, cache = self.lm.hidden(self.lm.embed(ids, b.table), mask, pos, _cache(b.kv), use_cache=True)
-        return _Batch(b.rows, [(l.keys, l.values) for l in cache.layers], mask, pos, h[:, -1], b.table)
+        # One query per row: the mask is just which columns each row attends to, given as SDPA's
+        # boolean (B, 1, 1, T + 1) so that the model does not build it again at every step.
+        h, cache = self.lm.hidden(self.lm.embed(ids, b.table), mask[:, None, None, :].bool(), pos,
+                                  self._cache(b), use_cache=True)
+        lo = {getattr(layer, "lo", 0) for layer in cache.layers}
+        if len(lo) != 1:
+            raise RuntimeError(f"the layers' caches were rebuilt apart (first columns {sorted(lo)})")
+        return _Batch(b.rows, [(layer.keys, layer.values) for layer in cache.layers], mask, pos, h[:, -1], b.table,
+                      lo.pop())
+
+    # The cache layout (overridden by bench.kv_layout's baselines): in place, see `_Batch`.
+    _retire_rows = staticmethod(_retire)
+    _add_rows = staticmethod(_append)
+    _cache = staticmethod(_cache)
 
     def _isolating(self, run: Callable[[list[_Row]], _Batch], rows: list[_Row],
                    events: list[Event]) -> _Batch | None:

@@ -75,8 +75,8 @@ def test_a_row_whose_model_call_raises_fails_alone(tmp_path, tiny):
     boom_len = len(engine.generator.encode(_request(boom_text)))
 
     def hook(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.shape[1] > 1 and bool((mask.sum(1) == boom_len + 3).any()):
+        pos = kwargs.get("position_ids")
+        if pos is not None and pos.shape[1] == 1 and bool((pos == boom_len + 2).any()):
             raise RuntimeError("simulated device error")  # when the boom row is fed its 3rd token
 
     fine_solo = asyncio.run(collect(engine, "a", chat("fine", 8)))
