@@ -109,6 +109,7 @@ class Scheduler:
         self._keys = itertools.count()
         self._step = 0
         self._thread: threading.Thread | None = None
+        self._outbox = _Outbox()
 
     # -- the event loop's side
 
@@ -293,7 +294,7 @@ class Scheduler:
                 if kind in ("done", "error"):
                     self._end(job)
                 items.append((job, (kind, value)))
-        _send(items)
+        self._outbox.send(items)
 
     def _fail_everything(self, error: Exception) -> None:
         with self._cv:
@@ -301,25 +302,43 @@ class Scheduler:
             for job in jobs:
                 self._end(job)
             self.decoder = self.generator.decoder()
-        _send([(job, ("error", _failed(error))) for job in jobs])
+        self._outbox.send([(job, ("error", _failed(error))) for job in jobs])
 
 
-def _send(items: list) -> None:
-    """Each (job, event) onto its job's queue, one call per event loop."""
-    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-    for job, item in items:
-        by_loop.setdefault(job.loop, []).append((job, item))
-    for loop, batch in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_put_all, batch)
-        except RuntimeError:  # that event loop is closed: its requests are gone
-            for job, _ in batch:
-                job.cancelled = True
+class _Outbox:
+    """Events from the decode thread to the event loops their requests wait on.
 
+    `send` appends (job, event) pairs to their loop's pending list and wakes that loop only when
+    the list was empty: a loop that has not caught up yet takes everything sent meanwhile in one
+    callback (one self-pipe write and one wake-up, instead of one per decoding step).
+    """
 
-def _put_all(items: list) -> None:
-    for job, item in items:
-        job.queue.put_nowait(item)
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending: dict[asyncio.AbstractEventLoop, list] = {}
+
+    def send(self, items: list) -> None:
+        woken = []
+        with self._lock:
+            for job, item in items:
+                pending = self._pending.setdefault(job.loop, [])
+                if not pending:
+                    woken.append(job.loop)
+                pending.append((job, item))
+        for loop in woken:
+            try:
+                loop.call_soon_threadsafe(self._drain, loop)
+            except RuntimeError:  # that event loop is closed: its requests are gone
+                with self._lock:
+                    gone = self._pending.pop(loop, [])
+                for job, _ in gone:
+                    job.cancelled = True
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            items = self._pending.pop(loop, [])
+        for job, item in items:
+            job.queue.put_nowait(item)
 
 
 class StoreCalls:
