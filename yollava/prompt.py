@@ -96,6 +96,7 @@ class PromptEncoder:
         self.add_bos = add_bos and tokenizer.bos_token_id is not None
         self._kinds = tuple(k for k in (CONCEPT, image_token_id, tokenizer.eos_token_id) if k is not None)
         self._marked = marked_tokenizer(tokenizer, self._kinds)
+        self._one: dict[int, str] = {}  # base id -> its text alone (at most one entry per vocabulary row)
 
     @classmethod
     def for_backbone(cls, backbone, **kw) -> "PromptEncoder":
@@ -191,6 +192,11 @@ class PromptEncoder:
         each run of base ids is decoded between markers standing for the names
         next to it, and the markers are cut off by position.
         """
+        if len(ids) == 1 and int(ids[0]) < self.vocab_size:  # a streamed answer's every step: cached
+            i = int(ids[0])
+            if i not in self._one:
+                self._one[i] = self._decode_run([i], after_name=False, before_name=False)
+            return self._one[i]
         slot_to_text: dict[int, str | None] = {}
         for c, off in zip(concepts, self.slot_offsets(concepts)):
             slot_to_text[off] = c.identifier
