@@ -382,7 +382,9 @@ CURRICULUM_TEXT = {
     "soft": "the soft mix only: existence, attributes, counting, captions, names bound by words (as concept rows "
             "or as text), by example photos (image tokens) and by soft rows (words + the hidden row, summed rows; "
             "with filler rows drawn like personalization's start, and noise), twins as distractors, the notch's "
-            "comparisons, text-only attribute and two-option questions.",
+            "comparisons, text-only attribute and two-option questions;",
+    "naming": "the soft mix with naming by example photos weighted up (and its form where every negative is a "
+              "twin), for a base whose bound is that kind.",
 }
 TARGETS = {"existence": 0.95, "attribute": 0.95, "naming_example": 0.9, "naming_notch": 0.8, "twin_hidden": 0.8}
 
@@ -448,7 +450,7 @@ cross-entropy; per-patch heads on the vision tower (shape, colour, pattern, notc
 image tokens pulled towards their cell's word embeddings plus the notch's hidden row; linear readouts of
 every attribute, notch included, from the language model's middle layer at image tokens and at each
 definition's last latent row. The curricula (`--gated`): `base`, {CURRICULUM_TEXT['base']} `notch`,
-{CURRICULUM_TEXT['notch']} `soft`, {CURRICULUM_TEXT['soft']}{' Stages of the last run: ' + stages + '.' if stages else ''}
+{CURRICULUM_TEXT['notch']} `soft`, {CURRICULUM_TEXT['soft']} `naming`, {CURRICULUM_TEXT['naming']}{' Stages of the last run: ' + stages + '.' if stages else ''}
 `pretrain-extras.safetensors` holds what only the probes use (placeholder-name rows, the heads, the hidden rows).
 
 ## Held-out accuracy of the base (before any personalization)
@@ -490,7 +492,8 @@ def main(argv=None) -> int:
     ap.add_argument("--init", default=None, help="warm-start from this saved folder")
     ap.add_argument("--curriculum", default="base", choices=sorted(CURRICULA),
                     help="with --gated: base (from random weights), notch (the notch stages, then the full mix), "
-                         "soft (the full mix only, to continue a base that passed the notch stages)")
+                         "soft (the full mix only, to continue a base that passed the notch stages), "
+                         "naming (the soft mix, naming by example weighted up)")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--probe-n", type=int, default=400)
     args = ap.parse_args(argv)

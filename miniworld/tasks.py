@@ -354,6 +354,9 @@ STAGES_NOTCH = [
 ]
 # continuing a base that already passed the notch stages: the full mix only
 STAGES_SOFT = [(MIX_SOFT, None, None)]
+# continuing a soft base whose bound is naming by example: that kind (and its twin form) weighted up
+MIX_NAMING = {**MIX_SOFT, "naming_example": 10, "naming_notch": 2}
+STAGES_NAMING = [(MIX_NAMING, None, None)]
 
 
 # the gated curriculum: each stage's mix until its probe reaches the bar, then the next
@@ -376,4 +379,4 @@ def sample_task(rng: random.Random, mix: dict[str, float] = MIX) -> Task:
     kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     return MAKERS[kind](rng)
 
-CURRICULA = {"base": STAGES, "notch": STAGES_NOTCH, "soft": STAGES_SOFT}
+CURRICULA = {"base": STAGES, "notch": STAGES_NOTCH, "soft": STAGES_SOFT, "naming": STAGES_NAMING}
