@@ -192,11 +192,13 @@ class PromptEncoder:
         each run of base ids is decoded between markers standing for the names
         next to it, and the markers are cut off by position.
         """
-        if len(ids) == 1 and int(ids[0]) < self.vocab_size:  # a streamed answer's every step: cached
-            i = int(ids[0])
-            if i not in self._one:
-                self._one[i] = self._decode_run([i], after_name=False, before_name=False)
-            return self._one[i]
+        ids = [int(i) for i in ids]
+        if len(ids) == 1 and ids[0] < self.vocab_size:  # a streamed answer's every step: cached
+            if ids[0] not in self._one:
+                self._one[ids[0]] = self._decode_run(ids, after_name=False, before_name=False)
+            return self._one[ids[0]]
+        if not ids or max(ids) < self.vocab_size:  # no concept token: one run
+            return self._decode_run(ids, after_name=False, before_name=False)
         slot_to_text: dict[int, str | None] = {}
         for c, off in zip(concepts, self.slot_offsets(concepts)):
             slot_to_text[off] = c.identifier
@@ -204,7 +206,6 @@ class PromptEncoder:
                 slot_to_text[off + t] = None  # latents are never shown (nor generated)
         pieces: list[list[int] | str] = []  # runs of base ids, and names
         for i in ids:
-            i = int(i)
             if i < self.vocab_size:
                 if not pieces or isinstance(pieces[-1], str):
                     pieces.append([])
