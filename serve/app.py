@@ -86,6 +86,10 @@ class AppArgs(BaseModel):
     max_rows_per_tenant: int | None = Field(None, ge=1, description="rows one tenant may hold; default half the batch")
     max_prefill_tokens: int = Field(4096, ge=1, description="prompt tokens prefilled per step (one request at least)")
     kv_budget_tokens: int = Field(65536, ge=1, description="KV cache the batch may reach, in tokens (padded)")
+    admit_min_rows: int | None = Field(None, ge=1, description="free rows that make an admission due (one prefill "
+                                                               "for several requests); default an eighth of the batch")
+    admit_max_wait_steps: int = Field(8, ge=0, description="steps requests wait for admit_min_rows free rows "
+                                                           "before fewer are admitted")
     store_threads: int = Field(8, ge=1, description="threads for store reads per model replica")
     store_timeout_s: float = Field(10.0, gt=0, description="a store read slower than this is an error")
     max_tenant_labels: int = Field(64, ge=0, description="tenants named in metrics labels; the rest are 'other'")
@@ -206,6 +210,7 @@ class ChatModel:
                                  revalidate_s=args.revalidate_s, max_batch_size=args.max_batch_size,
                                  max_rows_per_tenant=args.max_rows_per_tenant,
                                  max_prefill_tokens=args.max_prefill_tokens, kv_budget_tokens=args.kv_budget_tokens,
+                                 admit_min_rows=args.admit_min_rows, admit_max_wait_steps=args.admit_max_wait_steps,
                                  tenant_limits=args.tenant_limits, store_threads=args.store_threads,
                                  store_timeout_s=args.store_timeout_s,
                                  on_cache_event=self.metrics.cache_event, on_step=self.metrics.batch,

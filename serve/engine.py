@@ -87,17 +87,24 @@ class Scheduler:
 
     def __init__(self, generator: Generator, *, max_batch_size: int = 32, max_rows_per_tenant: int | None = None,
                  max_prefill_tokens: int = 4096, kv_budget_tokens: int = 65536, idle_exit_s: float = 5.0,
+                 admit_min_rows: int | None = None, admit_max_wait_steps: int = 8,
                  on_queue: Callable[[str, int], None] | None = None,
                  on_step: Callable[[int], None] | None = None):
         rows_cap = max_rows_per_tenant if max_rows_per_tenant is not None else max(1, max_batch_size // 2)
+        admit_min = admit_min_rows if admit_min_rows is not None else max(1, max_batch_size // 8)
         for name, value in (("max_batch_size", max_batch_size), ("max_rows_per_tenant", rows_cap),
-                            ("max_prefill_tokens", max_prefill_tokens), ("kv_budget_tokens", kv_budget_tokens)):
+                            ("max_prefill_tokens", max_prefill_tokens), ("kv_budget_tokens", kv_budget_tokens),
+                            ("admit_min_rows", admit_min)):
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
+        if admit_max_wait_steps < 0:
+            raise ValueError(f"admit_max_wait_steps={admit_max_wait_steps} must be >= 0")
         self.generator = generator
         self.max_batch_size, self.max_rows_per_tenant = max_batch_size, rows_cap
         self.max_prefill_tokens, self.kv_budget_tokens = max_prefill_tokens, kv_budget_tokens
         self.idle_exit_s = idle_exit_s
+        self.admit_min_rows, self.admit_max_wait_steps = admit_min, admit_max_wait_steps
+        self._deferred = 0  # steps run while requests waited for rows that were free
         self.on_queue = on_queue or (lambda tenant, n: None)
         self.on_step = on_step or (lambda n: None)
         self.stats = SchedulerStats()
@@ -195,7 +202,7 @@ class Scheduler:
         while True:
             with self._cv:
                 self._retire_cancelled()
-                newcomers = self._admit_from_queues()
+                newcomers = self._admit_from_queues() if self._admission_due() else []
                 if not newcomers and not len(self.decoder):
                     if not self._cv.wait_for(self._has_waiting, timeout=self.idle_exit_s):
                         self._thread = None  # idle: the next request starts a new thread
@@ -212,6 +219,25 @@ class Scheduler:
 
     def _has_waiting(self) -> bool:
         return any(self._waiting.values())
+
+    def _admission_due(self) -> bool:
+        """Under the lock: admit now, or let a few more rows free up first, so that one prefill
+        (one pass of the model) admits several requests instead of one pass per freed row. Due when
+        the batch is empty, when `admit_min_rows` rows are free, or once requests have waited
+        `admit_max_wait_steps` steps for free rows."""
+        live = len(self.decoder)
+        free = self.max_batch_size - live
+        if not live or free >= self.admit_min_rows:
+            self._deferred = 0
+            return True
+        if free < 1 or not self._has_waiting():
+            self._deferred = 0
+            return False
+        if self._deferred >= self.admit_max_wait_steps:
+            self._deferred = 0
+            return True
+        self._deferred += 1
+        return False
 
     def _iterate(self, newcomers: list[_Job]) -> None:
         events = []
@@ -394,6 +420,7 @@ class ChatEngine:
     def __init__(self, backbone: Backbone, store: ArtifactStore, *, cache_bytes: int = 256 * 2**20,
                  revalidate_s: float = 1.0, max_batch_size: int = 32, max_rows_per_tenant: int | None = None,
                  max_prefill_tokens: int = 4096, kv_budget_tokens: int = 65536,
+                 admit_min_rows: int | None = None, admit_max_wait_steps: int = 8,
                  tenant_limits: TenantLimits = TenantLimits(), store_threads: int = 8, store_timeout_s: float = 10.0,
                  on_cache_event: Callable[[str], None] | None = None,
                  on_step: Callable[[int], None] | None = None,
@@ -408,7 +435,8 @@ class ChatEngine:
         self.resolver = ConceptResolver(self.cache, Sharing(store), revalidate_s, io=self.store_calls)
         self.scheduler = Scheduler(self.generator, max_batch_size=max_batch_size,
                                    max_rows_per_tenant=max_rows_per_tenant, max_prefill_tokens=max_prefill_tokens,
-                                   kv_budget_tokens=kv_budget_tokens, on_queue=on_queue, on_step=on_step)
+                                   kv_budget_tokens=kv_budget_tokens, admit_min_rows=admit_min_rows,
+                                   admit_max_wait_steps=admit_max_wait_steps, on_queue=on_queue, on_step=on_step)
         self.tenant_limits, self.clock = tenant_limits, clock
         self._lookups: dict[str, TokenBucket] = {}  # per tenant: budget for names that do not exist
 

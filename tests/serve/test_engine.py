@@ -329,6 +329,57 @@ def test_tenants_take_turns_at_admission(tmp_path, tiny):
     assert "quiet" in order[admitted_before:admitted_before + 2], order  # next (or the one already picked)
 
 
+def _count_prefills(engine):
+    """Wrap the decoder's admit: the list of how many requests each prefill admitted."""
+    sizes, admit = [], engine.scheduler.decoder.admit
+
+    def counted(requests, encoded=None):
+        sizes.append(len(requests))
+        return admit(requests, encoded)
+
+    engine.scheduler.decoder.admit = counted
+    return sizes
+
+
+def test_admissions_wait_for_several_free_rows(tmp_path, tiny):
+    """With a queue, rows are refilled several at a time (one prefill for `admit_min_rows`
+    requests, not one per freed row); the answers are still the solo answers."""
+    store = open_store((tmp_path / "s").as_uri())
+    reqs = [chat(f"Tell me about item {i}.", 3 + (7 * i) % 17) for i in range(24)]
+    solo = [asyncio.run(collect(ChatEngine(tiny, store), "a", c)) for c in reqs]
+    engine = ChatEngine(tiny, store, max_batch_size=8, max_rows_per_tenant=8, admit_min_rows=4,
+                        admit_max_wait_steps=1000)
+    sizes = _count_prefills(engine)
+
+    async def go():
+        return await asyncio.gather(*(collect(engine, "a", c) for c in reqs))
+
+    assert asyncio.run(go()) == solo
+    assert sum(sizes) == len(reqs)
+    # the first may start an empty batch before the others arrive; the last takes what is left
+    assert all(n >= 4 for n in sizes[1:-1]) and len(sizes) >= 4, sizes
+
+
+def test_an_admission_waits_at_most_admit_max_wait_steps(tmp_path, tiny):
+    """One free row is enough once requests have waited `admit_max_wait_steps` steps for more."""
+    engine = ChatEngine(tiny, open_store((tmp_path / "s").as_uri()), max_batch_size=4, max_rows_per_tenant=4,
+                        admit_min_rows=4, admit_max_wait_steps=3)
+    sizes = _count_prefills(engine)
+
+    async def go():
+        first = [asyncio.ensure_future(collect(engine, "a", chat("hi", n))) for n in (2, 40, 40, 40)]
+        while engine.scheduler.stats.rows < 4:
+            await asyncio.sleep(0.001)
+        late = await collect(engine, "b", chat("hello", 2))
+        await asyncio.gather(*first)
+        return late
+
+    assert asyncio.run(go())[-1]["event"] == "end"
+    assert sizes == [4, 1]  # admitted alone, while three long rows still ran
+    (waited,) = [w for t, w, _ in engine.scheduler.stats.admissions if t == "b"]
+    assert waited >= 3  # it did wait for more rows to free up, then no longer
+
+
 def test_admission_stays_within_the_kv_budget(tmp_path, tiny):
     """Rows are admitted only while the padded cache they can reach fits the budget; answers are
     still the solo answers, and a request that could never fit is a 400 naming the budget."""
