@@ -174,3 +174,20 @@ def test_photos_init_starts_latents_at_the_subjects_tokens(tiny, cfg):
     assert trainer(tiny, replace(cfg, init="mean"))._initial_latents(ts) is None  # the paper's start
     with pytest.raises(ValueError, match="must be 'mean' or 'photos'"):
         replace(cfg, init="bad")
+
+
+def test_head_lr_scale_moves_the_output_rows_that_much_faster(tiny, cfg):
+    """Adam moves each entry by about its learning rate per step, so with head_lr_scale 10 the
+    output rows travel about ten times as far as with 1, the input rows about as far."""
+    from dataclasses import replace
+
+    moved = {}
+    for scale in (1.0, 10.0):
+        c = replace(cfg, epochs=1, head_lr_scale=scale, holdout=0.0)
+        bank = ConceptBank(tiny)
+        bank.add("bo", c.num_latent)
+        start = bank.snapshot("bo")
+        trainer(tiny, c).fit(make_sets(c, ("bo",)), bank)
+        moved[scale] = ((bank.head["bo"] - start.head).norm().item(), (bank.embed["bo"] - start.embed).norm().item())
+    head_ratio, embed_ratio = moved[10.0][0] / moved[1.0][0], moved[10.0][1] / moved[1.0][1]
+    assert 5 < head_ratio < 15 and 0.5 < embed_ratio < 2, (head_ratio, embed_ratio)

@@ -38,6 +38,7 @@ class RecipeConfig:
     epochs: int = 15
     batch_size: int = 4  # samples per subject per step
     lr: float = 1e-3
+    head_lr_scale: float = 1.0  # the output rows' learning rate, as a multiple of lr (only the identifier's is used)
     weight_decay: float = 0.01
     holdout: float = 0.2  # share of recognition samples kept out to pick the best epoch
     max_answer_tokens: int = 48  # length of the base model's attribute answers
@@ -62,6 +63,8 @@ class RecipeConfig:
             raise ValueError(f"near_duplicate={self.near_duplicate} must be in (0, 1]")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
+        if self.head_lr_scale <= 0:
+            raise ValueError(f"head_lr_scale={self.head_lr_scale} must be > 0")
         if self.init not in ("mean", "photos"):
             raise ValueError(f"init={self.init!r} must be 'mean' or 'photos'")
 

@@ -249,7 +249,9 @@ class PackedTrainer:
         for ts in sets:
             if ts.subject not in bank.tokens:
                 bank.add(ts.subject, cfg.num_latent, latents=self._initial_latents(ts))
-        opt = torch.optim.AdamW(bank.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW([{"params": list(bank.embed.values())},
+                                 {"params": list(bank.head.values()), "lr": cfg.lr * cfg.head_lr_scale}],
+                                lr=cfg.lr, weight_decay=cfg.weight_decay)
         items = {ts.subject: [self._item(s) for s in ts.train] for ts in sets}
         best: dict[str, SubjectResult] = {}
         steps_per_epoch = max(-(-len(v) // cfg.batch_size) for v in items.values())
