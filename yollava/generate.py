@@ -344,6 +344,9 @@ class Decoder:
     def __init__(self, generator: "Generator"):
         self.g = generator
         self.bb, self.lm = generator.backbone, generator.lm
+        text = getattr(self.bb.config, "text_config", None) or self.bb.config
+        # A sliding-window model needs the model's own mask per layer type; the others take ours.
+        self._own_mask = not getattr(text, "sliding_window", None)
         self._batch: _Batch | None = None
         self._rows: dict[Hashable, _Row] = {}
 
@@ -464,8 +467,8 @@ class Decoder:
         pos = b.pos + 1
         # One query per row: the mask is just which columns each row attends to, given as SDPA's
         # boolean (B, 1, 1, T + 1) so that the model does not build it again at every step.
-        h, cache = self.lm.hidden(self.lm.embed(ids, b.table), mask[:, None, None, :].bool(), pos,
-                                  self._cache(b), use_cache=True)
+        attend = mask[:, None, None, :].bool() if self._own_mask else mask
+        h, cache = self.lm.hidden(self.lm.embed(ids, b.table), attend, pos, self._cache(b), use_cache=True)
         lo = {getattr(layer, "lo", 0) for layer in cache.layers}
         if len(lo) != 1:
             raise RuntimeError(f"the layers' caches were rebuilt apart (first columns {sorted(lo)})")
