@@ -4,12 +4,13 @@
 
 One process, one torch thread, the same requests (answers of `--min`..`--max` tokens, greedy):
 static batches of `--batch` through `Generator.generate` (the step-wise decoder, which retires a
-finished row at once, so no step is spent on it) against one continuous decoder that admits a
-queued request whenever a row frees up. Alternating over rounds; both must give the same tokens.
-On a GPU a step costs about the same for 1 or 32 rows, so filling freed rows is nearly free
-throughput; on one CPU thread a step's cost grows with its rows, so there is little to win, and
-the continuous side pays for joining newcomers' caches. Printed: tokens/s of each, their ratio;
-the last line is one JSON object.
+finished row at once, so no step is spent on it) against one continuous decoder that admits
+queued requests once `--admit-at` rows are free. Alternating over rounds; both must give the same
+tokens. On a GPU a step costs about the same for 1 or 32 rows, so filling freed rows is nearly
+free throughput; on one CPU thread a step's cost grows with its rows, so what the continuous side
+can win here is a step's fixed cost shared by more rows, against the prefill passes and the
+padding of rows of different ages that it pays. Printed: tokens/s of each, their ratio; the last
+line is one JSON object.
 """
 
 from __future__ import annotations
