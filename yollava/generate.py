@@ -3,11 +3,12 @@
 `Decoder` is continuous batching: `admit` prefills newcomers (together,
 left-padded) and joins their KV cache to the running batch; `step` gives every
 live row one token and retires rows that finished, failed or were cancelled.
-The batch's cache is one left-padded tensor per layer: newcomers are padded to
-the running width (or the running rows to theirs) and concatenated along the
-batch dimension, retired rows are selected out and columns no row needs any
-more are cut off (TGI's layout before paged attention; ADR 002 has the
-measurement against per-row caches stacked every step).
+The batch's cache is one left-padded tensor per layer inside a buffer with
+spare columns and rows (`_Batch`): a step writes its keys and values in place,
+a retired row's slot is refilled by moving one row, newcomers are written into
+free rows, and columns no row needs any more are cut off; the buffer is copied
+only when its spare runs out (ADR 002 has the measurements against
+concatenating at every step and against per-row caches stacked every step).
 
 Each request brings its own messages, concepts, photos and sampling settings.
 A row's tokens depend only on its own inputs: its concept table and columns
