@@ -292,7 +292,7 @@ def train(steps: int, batch: int, lr: float, seed: int, out: Path | None, probe_
     if init is not None:  # provenance: the run this one started from
         parent = json.loads((init / "pretrain.json").read_text())
         result["init"] = {"from": str(init), "command": command(parent), "steps": parent.get("stop_at"),
-                          "minutes": parent.get("minutes"), "parent": parent.get("init")}
+                          "minutes": parent.get("minutes"), "init": parent.get("init")}
     stage = 0
     t0 = time.time()
     for step in tqdm(range(1, last + 1), desc="pretraining", unit="step", mininterval=10):
