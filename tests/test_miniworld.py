@@ -236,12 +236,13 @@ def test_personalizing_a_sample_subject_beats_vanilla():
     concept = ev.recognition(ev.prompting("concept", name), name)
     words = ev.recognition(ev.prompting("description", name), name)
     weighted, twin = concept["likelihood"]["weighted_accuracy"], concept["negative_by_kind"]["hard"]
-    # measured on the shipped base (make reproduce, 10 epochs, seeds 0/1): zola 0.83/0.95 weighted,
-    # twin rejected 0.6/0.7; the bare name 0.66; its description rejects the twin 0.0
+    # measured on the shipped base (stage 4; make reproduce, seeds 0/1): zola 0.97/0.99 weighted, twin
+    # rejected 1.0/1.0; this test's run 0.967, twin 1.0; the bare name 0.52; its description rejects
+    # the twin 0.0 (on stage 3: 0.83 weighted, twin 0.6)
     print(f"zola: concept {weighted:.3f} (twin {twin:.2f}), vanilla {vanilla:.3f}, "
           f"description twin {words['negative_by_kind']['hard']:.2f}")
-    assert weighted >= 0.75 and weighted >= vanilla + 0.15, (weighted, vanilla)
-    assert twin >= words["negative_by_kind"]["hard"] + 0.4, (twin, words["negative_by_kind"])
+    assert weighted >= 0.9 and weighted >= vanilla + 0.35, (weighted, vanilla)
+    assert twin >= 0.9 and twin >= words["negative_by_kind"]["hard"] + 0.7, (twin, words["negative_by_kind"])
     # generation: the concept's output row learned to say the name (with half the epochs the
     # answers were "yes, that is i no, that is not no, ...")
     q = f"Is <{name}> in this photo? Answer with yes or no."
