@@ -1,13 +1,15 @@
 """Development subjects: the reproduction's figures on subjects of other seeds, to choose a base or a recipe.
 
     python -m miniworld.dev [--model mini|DIR] [--subject-seeds 7] [--seeds 0]
-        [--methods yollava,k4] [--baselines] [--set lr=0.01 --set epochs=20]
+        [--methods yollava,k4] [--baselines] [--generate] [--set lr=0.01 --set epochs=20]
 
 The committed sample subjects (seed 2024) are for the final table only; every
 choice of base, recipe or initialisation is made here, on subjects generated
 with other seeds (written once under runs/dev-subjects/). Prints one JSON line
 per (subject seed, method): positive / twin / easy / weighted accuracy and the
-AUC of the yes-no margin against each kind of negative.
+AUC of the yes-no margin against each kind of negative; with --generate also the
+weighted accuracy of generated answers and the share of answers about the
+subject's photos that say `<name>`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from miniworld.subjects import generate
 from yollava.backbone import load_backbone
 from yollava.recipe import RecipeConfig
 
-FIGURES = ("pos", "neg_hard", "neg_easy", "weighted", "auc_hard", "auc_easy", "text_qa")
+FIGURES = ("pos", "neg_hard", "neg_easy", "weighted", "auc_hard", "auc_easy", "text_qa", "gen_weighted", "names_said")
 
 
 def override(recipe: RecipeConfig, assignments: list[str]) -> RecipeConfig:
@@ -53,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="yollava", help="of: yollava, no_hard_negatives, k1, k4")
     ap.add_argument("--baselines", action="store_true", help="also vanilla and description")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="recipe override")
+    ap.add_argument("--generate", action="store_true", help="also generated answers: yes/no parsed "
+                    "(gen_weighted) and the share about positives that say the name (names_said)")
     ap.add_argument("--out", default="runs/dev")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -69,7 +73,7 @@ def main(argv=None) -> int:
         data = dev_subjects(subject_seed, Path(args.out).parent / "dev-subjects")
         report = reproduce(backbone, data, Path(args.out) / f"subjects{subject_seed}",
                            [int(s) for s in args.seeds.split(",")], [], {m: every[m] for m in methods},
-                           progress=False, baselines=args.baselines)
+                           progress=False, baselines=args.baselines, generate=args.generate)
         for method, agg in report["summary"].items():
             print(json.dumps({"subjects": subject_seed, "method": method,
                               **{f: round(agg[f], 3) for f in FIGURES if f in agg}}), flush=True)

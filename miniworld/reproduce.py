@@ -72,6 +72,9 @@ def _rows(results: dict) -> dict[str, dict[str, float]]:
                            for k, v in r["recognition"]["negative_by_kind"].items()},
                         **{f"auc_{KIND_NAMES.get(k, k)}": v
                            for k, v in r["recognition"]["auc_by_kind"].items()}}
+        gen = r["recognition"].get("generated")
+        if gen is not None:  # answers generated and parsed; the share of those about positives that say the name
+            out[subject].update(gen_weighted=gen["weighted_accuracy"], names_said=gen["names_said"])
     return out
 
 
@@ -133,7 +136,9 @@ def plot(agg: dict[str, dict], path: Path) -> None:
 
 def reproduce(backbone: Backbone, data: Path, out: Path, seeds: list[int], ks: list[int],
               recipes: dict[str, RecipeConfig] | None = None, progress: bool = True,
-              baselines: bool = True) -> dict:
+              baselines: bool = True, generate: bool = False) -> dict:
+    """`generate`: trained concepts also answer each test photo in generated text (yes/no parsed,
+    and whether answers about positives say the name)."""
     meta = load_meta(data)
     dataset = YollavaDataset.load(data)
     descriptions = {s["name"]: s["description"] + "." for s in meta["subjects"]}
@@ -159,7 +164,7 @@ def reproduce(backbone: Backbone, data: Path, out: Path, seeds: list[int], ks: l
             trained = train_concepts(backbone, specs, load_image, pool, replace(recipe, seed=seed),
                                      progress=progress)
             concepts = {name: r.rows for name, r in trained.items()}
-            res = Evaluator(backbone, dataset, concepts, progress=False,
+            res = Evaluator(backbone, dataset, concepts, generate=generate, progress=False,
                             features=features).run(["concept"])["methods"]["concept"]
             runs.setdefault(method, []).append(_rows(res))
             timings[f"{method}/seed{seed}"] = time.time() - t

@@ -111,6 +111,7 @@ class Evaluator:
         q = RECOGNITION_EVAL_QUESTION.format(c=f"<{subject}>")
         items = [(x, True, None) for x in pos] + [(x, False, k) for k, xs in negatives.items() for x in xs]
         pairs, gen_pairs, by_kind = [], [], {k: [] for k, xs in negatives.items() if xs}
+        named: list[bool] = []  # generated answers about positives that say `<subject>`
         margins: dict[str, list[float]] = {"positive": [], **{k: [] for k in by_kind}}
         for path, truth, kind in items:
             lp = self._score(p, q, PhotoRef(str(path)), ["Yes", "No"])
@@ -119,14 +120,18 @@ class Evaluator:
             if kind is not None:
                 by_kind[kind].append((truth, pairs[-1][1]))
             if self.generate:
-                gen_pairs.append((truth, parse_yes_no(self._generate(p, q, path))))
+                text = self._generate(p, q, path)
+                gen_pairs.append((truth, parse_yes_no(text)))
+                if truth:
+                    named.append(f"<{subject}>" in text)
         out = {"likelihood": RecognitionResult.from_predictions(pairs).to_dict(),
                "negative_by_kind": {k: RecognitionResult.from_predictions(v).negative_accuracy
                                     for k, v in by_kind.items()},
                # how well the yes-no margin separates positives from each kind of negative
                "auc_by_kind": {k: margin_auc(margins["positive"], margins[k]) for k in by_kind}}
         if self.generate:
-            out["generated"] = RecognitionResult.from_predictions(gen_pairs).to_dict()
+            out["generated"] = {**RecognitionResult.from_predictions(gen_pairs).to_dict(),
+                                "names_said": sum(named) / len(named) if named else None}
         return out
 
     def _generate(self, p: Prompting, question: str, path: Path) -> str:
