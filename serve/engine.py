@@ -97,6 +97,8 @@ class Scheduler:
                             ("admit_min_rows", admit_min)):
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
+        if admit_min > max_batch_size:
+            raise ValueError(f"admit_min_rows={admit_min} must be at most max_batch_size={max_batch_size}")
         if admit_max_wait_steps < 0:
             raise ValueError(f"admit_max_wait_steps={admit_max_wait_steps} must be >= 0")
         self.generator = generator
@@ -344,21 +346,25 @@ class _Outbox:
         self._pending: dict[asyncio.AbstractEventLoop, list] = {}
 
     def send(self, items: list) -> None:
-        woken = []
+        woken, closed = [], []
         with self._lock:
             for job, item in items:
                 pending = self._pending.setdefault(job.loop, [])
                 if not pending:
                     woken.append(job.loop)
+                elif job.loop.is_closed() and job.loop not in closed:
+                    closed.append(job.loop)  # closed before it drained what it was sent
                 pending.append((job, item))
         for loop in woken:
             try:
                 loop.call_soon_threadsafe(self._drain, loop)
             except RuntimeError:  # that event loop is closed: its requests are gone
-                with self._lock:
-                    gone = self._pending.pop(loop, [])
-                for job, _ in gone:
-                    job.cancelled = True
+                closed.append(loop)
+        for loop in closed:
+            with self._lock:
+                gone = self._pending.pop(loop, [])
+            for job, _ in gone:
+                job.cancelled = True
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:

@@ -380,6 +380,35 @@ def test_an_admission_waits_at_most_admit_max_wait_steps(tmp_path, tiny):
     assert waited >= 3  # it did wait for more rows to free up, then no longer
 
 
+@pytest.mark.parametrize("kw,words", [({"admit_min_rows": 0}, "admit_min_rows=0 must be >= 1"),
+                                      ({"admit_min_rows": 33}, "at most max_batch_size=32"),
+                                      ({"admit_max_wait_steps": -1}, "admit_max_wait_steps=-1 must be >= 0")])
+def test_admission_settings_are_checked(tiny, kw, words):
+    from serve.engine import Scheduler
+    from yollava.generate import Generator
+
+    with pytest.raises(ValueError, match=words):
+        Scheduler(Generator(tiny), max_batch_size=32, **kw)
+
+
+def test_events_for_a_closed_event_loop_cancel_their_requests():
+    """A loop closed before it drained its events: the next events for it cancel its requests
+    (their rows are retired) instead of piling up."""
+    from serve.engine import _Outbox
+
+    loop = asyncio.new_event_loop()
+    job = SimpleNamespace(loop=loop, queue=asyncio.Queue(), cancelled=False)
+    box = _Outbox()
+    box.send([(job, ("delta", "a"))])  # a wake-up is scheduled, never run
+    loop.close()
+    assert not job.cancelled
+    box.send([(job, ("delta", "b"))])
+    assert job.cancelled and not box._pending
+    other = SimpleNamespace(loop=loop, queue=asyncio.Queue(), cancelled=False)
+    box.send([(other, ("delta", "c"))])  # nothing pending: the wake-up itself finds the loop closed
+    assert other.cancelled and not box._pending
+
+
 def test_admission_stays_within_the_kv_budget(tmp_path, tiny):
     """Rows are admitted only while the padded cache they can reach fits the budget; answers are
     still the solo answers, and a request that could never fit is a 400 naming the budget."""
