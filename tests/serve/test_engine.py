@@ -329,15 +329,19 @@ def test_tenants_take_turns_at_admission(tmp_path, tiny):
     assert "quiet" in order[admitted_before:admitted_before + 2], order  # next (or the one already picked)
 
 
-def _count_prefills(engine):
-    """Wrap the decoder's admit: the list of how many requests each prefill admitted."""
-    sizes, admit = [], engine.scheduler.decoder.admit
+def _count_prefills(engine, live=None):
+    """Wrap the decoder's admit: the list of how many requests each prefill admitted (and, into
+    `live`, how many rows were decoding before it)."""
+    sizes, decoder = [], engine.scheduler.decoder
+    admit = decoder.admit
 
     def counted(requests, encoded=None):
         sizes.append(len(requests))
+        if live is not None:
+            live.append(len(decoder))
         return admit(requests, encoded)
 
-    engine.scheduler.decoder.admit = counted
+    decoder.admit = counted
     return sizes
 
 
@@ -349,15 +353,18 @@ def test_admissions_wait_for_several_free_rows(tmp_path, tiny):
     solo = [asyncio.run(collect(ChatEngine(tiny, store), "a", c)) for c in reqs]
     engine = ChatEngine(tiny, store, max_batch_size=8, max_rows_per_tenant=8, admit_min_rows=4,
                         admit_max_wait_steps=1000)
-    sizes = _count_prefills(engine)
+    live: list[int] = []
+    sizes = _count_prefills(engine, live)
 
     async def go():
         return await asyncio.gather(*(collect(engine, "a", c) for c in reqs))
 
     assert asyncio.run(go()) == solo
     assert sum(sizes) == len(reqs)
-    # the first may start an empty batch before the others arrive; the last takes what is left
-    assert all(n >= 4 for n in sizes[1:-1]) and len(sizes) >= 4, sizes
+    # an admission into a running batch waited for 4 free rows (requests still arriving may join
+    # an empty or half-empty batch in smaller groups); refills of 4 or more did happen
+    assert all(before == 0 or 8 - before >= 4 for before in live), list(zip(live, sizes))
+    assert any(before >= 1 and n >= 4 for before, n in zip(live, sizes)), list(zip(live, sizes))
 
 
 def test_an_admission_waits_at_most_admit_max_wait_steps(tmp_path, tiny):
@@ -375,7 +382,9 @@ def test_an_admission_waits_at_most_admit_max_wait_steps(tmp_path, tiny):
         return late
 
     assert asyncio.run(go())[-1]["event"] == "end"
-    assert sizes == [4, 1]  # admitted alone, while three long rows still ran
+    # the first four may come in one prefill or start an empty batch one by one; the late one alone,
+    # while three long rows still ran
+    assert sum(sizes[:-1]) == 4 and sizes[-1] == 1, sizes
     (waited,) = [w for t, w, _ in engine.scheduler.stats.admissions if t == "b"]
     assert waited >= 3  # it did wait for more rows to free up, then no longer
 
