@@ -195,18 +195,23 @@ def _buffer(t: Tensor, left: int = 0, rows: int = 0) -> Tensor:
     return buf
 
 
-def _select(b: _Batch | None, idx: Sequence[int], spare_rows: int = 0) -> _Batch | None:
+def _first_used(mask: Tensor) -> int:
+    """(n, T) -> the first column some row uses: the columns before it can be cut off."""
+    return int(mask.any(0).int().argmax())
+
+
+def _select(b: _Batch | None, idx: Sequence[int]) -> _Batch | None:
     """Rows `idx` of `b` in new buffers (None if none), `b` intact; columns no kept row uses any
     more are cut off the left."""
     if b is None or not idx:
         return None
-    if list(idx) == list(range(len(b.rows))) and not spare_rows:
+    if list(idx) == list(range(len(b.rows))):
         return b
     i = torch.tensor(list(idx), device=b.mask.device)
     mask = b.mask[i]  # (n, T)
-    first = int(mask.any(0).int().argmax())  # the first column some kept row uses
-    kv = [(_buffer(k[i, :, first:], rows=spare_rows), _buffer(v[i, :, first:], rows=spare_rows))
-          for k, v in b.views()]  # (n + spare_rows, H, T - first + SPARE_COLUMNS, D)
+    first = _first_used(mask)
+    kv = [(_buffer(k[i, :, first:]), _buffer(v[i, :, first:]))
+          for k, v in b.views()]  # (n, H, T - first + SPARE_COLUMNS, D)
     return _Batch([b.rows[j] for j in idx], kv, mask[:, first:], b.pos[i], b.h[i], b.table.select(i))
 
 
@@ -228,13 +233,13 @@ def _retire(b: _Batch | None, keep: Sequence[int]) -> _Batch | None:
     if holes:
         dst = torch.tensor(holes, device=b.mask.device)
         src = torch.tensor(movers, device=b.mask.device)
+        lo, hi = b.lo, b.lo + b.width
         for (k, v), (kb, vb) in zip(b.views(), b.kv):
-            lo, hi = b.lo, b.lo + b.width
             kb[:, :, lo:hi].index_copy_(0, dst, k[src])  # (holes, H, T, D) rows moved
             vb[:, :, lo:hi].index_copy_(0, dst, v[src])
     i = torch.tensor(order, device=b.mask.device)
     mask = b.mask[i]  # (n, T)
-    first = int(mask.any(0).int().argmax())
+    first = _first_used(mask)
     return _Batch([b.rows[j] for j in order], b.kv, mask[:, first:], b.pos[i], b.h[i], b.table.select(i),
                   b.lo + first)
 
@@ -277,8 +282,7 @@ def _join(a: _Batch | None, b: _Batch | None, spare_rows: int = 0) -> _Batch | N
     T = max(a.width, b.width)
 
     def cat(x: Tensor, y: Tensor) -> Tensor:  # (Ba | Bb, H, ., D) -> (Ba + Bb + spare_rows, H, T + SPARE_COLUMNS, D)
-        out = torch.cat([_buffer(x, T - a.width), _buffer(y, T - b.width)])
-        return torch.cat([out, out.new_empty(spare_rows, *out.shape[1:])]) if spare_rows else out
+        return torch.cat([_buffer(x, T - a.width), _buffer(y, T - b.width, rows=spare_rows)])
 
     kv = [(cat(ka, kb), cat(va, vb)) for (ka, va), (kb, vb) in zip(a.views(), b.views())]
     return _joined(a, b, kv, 0)
