@@ -385,6 +385,8 @@ CURRICULUM_TEXT = {
             "comparisons, text-only attribute and two-option questions;",
     "naming": "the soft mix with naming by example photos weighted up (and its form where every negative is a "
               "twin), for a base whose bound is that kind.",
+    "attributes": "the naming mix with attributes of one object among several weighted up (find the object by "
+                  "one attribute, read another), for a base whose bound is that kind.",
 }
 TARGETS = {"existence": 0.95, "attribute": 0.95, "naming_example": 0.9, "naming_notch": 0.8, "twin_hidden": 0.8}
 
@@ -493,7 +495,8 @@ def main(argv=None) -> int:
     ap.add_argument("--curriculum", default="base", choices=sorted(CURRICULA),
                     help="with --gated: base (from random weights), notch (the notch stages, then the full mix), "
                          "soft (the full mix only, to continue a base that passed the notch stages), "
-                         "naming (the soft mix, naming by example weighted up)")
+                         "naming (the soft mix, naming by example weighted up), attributes (the naming mix, attributes of "
+                         "one object among several weighted up)")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--probe-n", type=int, default=400)
     args = ap.parse_args(argv)

@@ -357,6 +357,10 @@ STAGES_SOFT = [(MIX_SOFT, None, None)]
 # continuing a soft base whose bound is naming by example: that kind (and its twin form) weighted up
 MIX_NAMING = {**MIX_SOFT, "naming_example": 10, "naming_notch": 2}
 STAGES_NAMING = [(MIX_NAMING, None, None)]
+# continuing a naming base whose bound is attributes of one object among several ("what colour is the
+# circle?": find the object by one attribute, read another): that kind weighted up
+MIX_ATTRIBUTES = {**MIX_NAMING, "attribute": 10}
+STAGES_ATTRIBUTES = [(MIX_ATTRIBUTES, None, None)]
 
 
 # the gated curriculum: each stage's mix until its probe reaches the bar, then the next
@@ -379,4 +383,5 @@ def sample_task(rng: random.Random, mix: dict[str, float] = MIX) -> Task:
     kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     return MAKERS[kind](rng)
 
-CURRICULA = {"base": STAGES, "notch": STAGES_NOTCH, "soft": STAGES_SOFT, "naming": STAGES_NAMING}
+CURRICULA = {"base": STAGES, "notch": STAGES_NOTCH, "soft": STAGES_SOFT, "naming": STAGES_NAMING,
+             "attributes": STAGES_ATTRIBUTES}

@@ -166,11 +166,18 @@ def test_photos_init_starts_latents_at_the_subjects_tokens(tiny, cfg):
     latents = tr._initial_latents(ts)
     refs = list(dict.fromkeys(s.photo.key for s in ts.train + ts.holdout if s.kind == "positive"))
     want = recurring_tokens(tr.features.get([PhotoRef(k) for k in refs]).float())
-    assert latents.shape == (5, tiny.hidden_size) and len(refs) == 3
-    assert torch.equal(latents[0], want[0]) and torch.equal(latents[3], want[0])  # photos in turn
-    bank = ConceptBank(tiny)
+    assert len(refs) == 3 and torch.equal(latents, want)  # one row per photo, none repeated
+    bank, plain = ConceptBank(tiny), ConceptBank(tiny)
     bank.add("bo", 5, latents=latents)
-    assert torch.equal(bank.embed["bo"][1:].detach(), latents)
+    plain.add("bo", 5)
+    assert torch.equal(bank.embed["bo"][1:4].detach(), latents)
+    # rows past the photos keep the paper's start near the mean row, not a second copy of a photo
+    assert torch.equal(bank.embed["bo"][4:].detach(), plain.embed["bo"][4:].detach())
+    assert not torch.equal(bank.embed["bo"][4], bank.embed["bo"][1])
+    few = trainer(tiny, replace(cfg, num_latent=2))._initial_latents(ts)
+    assert torch.equal(few, want[:2])  # fewer rows than photos: the first photos'
+    with pytest.raises(ValueError, match=r"expected \(m, .*1 <= m <= 2"):
+        bank.add("cup", 2, latents=latents)
     assert trainer(tiny, replace(cfg, init="mean"))._initial_latents(ts) is None  # the paper's start
     with pytest.raises(ValueError, match="must be 'mean' or 'photos'"):
         replace(cfg, init="bad")

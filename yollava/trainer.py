@@ -72,7 +72,8 @@ class ConceptBank(nn.Module):
     def add(self, name: str, num_latent: int, rows: ConceptRows | None = None,
             latents: Tensor | None = None) -> None:
         """A new subject: from `rows` (resume), or near the mean base row, seeded by name, with
-        the latent input rows taken from `latents` (k, d) when given."""
+        the first latent input rows taken from `latents` (m <= k, d) when given (the rest stay
+        near the mean row)."""
         tokens = ConceptTokens(name, num_latent)
         if rows is None:
             g = torch.Generator().manual_seed(_stable_seed(f"{self.seed}:{name}"))
@@ -81,10 +82,10 @@ class ConceptBank(nn.Module):
             embed = mu_e + 0.1 * sd_e * torch.randn(n, d, generator=g)
             head = mu_h + 0.1 * sd_h * torch.randn(n, d, generator=g)
             if latents is not None:
-                if tuple(latents.shape) != (num_latent, d):
+                if latents.dim() != 2 or not 1 <= latents.shape[0] <= num_latent or latents.shape[1] != d:
                     raise ValueError(f"latents for {name!r} have shape {tuple(latents.shape)}; "
-                                     f"expected ({num_latent}, {d})")
-                embed[1:] = latents.detach().float().to(embed.device)
+                                     f"expected (m, {d}) with 1 <= m <= {num_latent}")
+                embed[1:1 + latents.shape[0]] = latents.detach().float().to(embed.device)
         else:
             embed, head = rows.embed.detach().float(), rows.head.detach().float()
         dev = self._init[0].device
@@ -275,7 +276,10 @@ class PackedTrainer:
         return best
 
     def _initial_latents(self, ts: TrainingSet) -> Tensor | None:
-        """recipe.init == "photos": the subject's recurring image tokens, one per training photo in turn."""
+        """recipe.init == "photos": the subject's recurring image tokens, one per training photo, for the
+        first min(k, photos) rows; rows past the photos keep the mean-row start (repeating a photo's
+        token made two rows start identical: at k 16 with 8 photos, dev subjects 0.76 / 0.82 weighted
+        against 0.84 / 0.85 with the rest at the mean row)."""
         if self.config.init != "photos":
             return None
         refs = list(dict.fromkeys(PhotoRef(s.photo.key) for s in ts.train + ts.holdout
@@ -283,7 +287,7 @@ class PackedTrainer:
         if not refs:
             raise ValueError(f"init='photos' needs training photos; subject {ts.subject!r} has none")
         tokens = recurring_tokens(self.features.get(refs).float())  # (P, d)
-        return tokens[torch.arange(self.config.num_latent) % len(refs)]  # (k, d)
+        return tokens[:self.config.num_latent]  # (min(k, P), d)
 
     def _item(self, s: Sample) -> _Item:
         return _Item(s, self.encoder.encode(s.messages, [ConceptTokens(s.subject, self.config.num_latent)]))
