@@ -411,7 +411,8 @@ def provenance(result: dict) -> str:
             cmd += f" --out {chain[i]['init']['from']}"
         what = "from random weights" if i == 1 else "warm start from the previous stage's weights"
         code = f", the base shipped at commit {r['commit']}" if r.get("commit") else ""
-        lines.append(f"{i}. {what} ({r.get('steps', r.get('stop_at', '?'))} steps, {r.get('minutes', '?')} "
+        steps = r.get("stop_at", r.get("steps", "?")) if i == len(chain) else r.get("steps", r.get("stop_at", "?"))
+        lines.append(f"{i}. {what} ({steps} steps, {r.get('minutes', '?')} "
                      f"min on one CPU core{code}):\n\n       OMP_NUM_THREADS=1 python -m miniworld.pretrain {cmd}")
     return "\n\n".join(lines)
 

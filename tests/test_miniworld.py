@@ -357,3 +357,19 @@ def test_notch_check_answers_truthfully():
         (o,) = t.scene.objects()
         assert t.definition.form == "hidden" and t.definition.words == "a object"
         assert (t.definition.obj.notch == o.notch) == (t.correct == 0)
+
+
+def test_the_card_lists_every_stage_with_the_steps_it_ran():
+    """A stage stopped early (`--stop-at`) says the steps it ran, first stage or last, and each
+    earlier stage's command saves where the next one starts from."""
+    from miniworld.pretrain import command, provenance
+
+    first = {"steps": 6000, "stop_at": 4000, "batch": 32, "lr": 3e-4, "seed": 0, "gated": True, "probe_every": 250}
+    last = {"steps": 5000, "stop_at": 2750, "batch": 32, "lr": 1e-4, "seed": 3, "gated": True, "probe_every": 250,
+            "curriculum": "naming", "minutes": 41.8,
+            "init": {"from": "runs/mini-stage1", "command": command(first), "steps": 4000, "minutes": 45.6}}
+    text = provenance(last)
+    one, two = text.split("\n\n2. ")
+    assert "(4000 steps, 45.6 min" in one and "--stop-at 4000" in one and one.endswith("--out runs/mini-stage1")
+    assert "(2750 steps, 41.8 min" in two and "--steps 5000" in two and "--stop-at 2750" in two
+    assert "--init runs/mini-stage1 --curriculum naming" in two
