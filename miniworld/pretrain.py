@@ -384,9 +384,12 @@ CURRICULUM_TEXT = {
             "with filler rows drawn like personalization's start, and noise), twins as distractors, the notch's "
             "comparisons, text-only attribute and two-option questions;",
     "naming": "the soft mix with naming by example photos weighted up (and its form where every negative is a "
-              "twin), for a base whose bound is that kind.",
-    "attributes": "the naming mix with attributes of one object among several weighted up (find the object by "
-                  "one attribute, read another), for a base whose bound is that kind.",
+              "twin), for a base whose bound is that kind;",
+    "binding": "the naming mix with attributes of one object among several (find the object by one attribute, "
+               "read another) and `binding` added: every object's asked attribute, each said right after its "
+               "key (`circle red, square blue.`, random order), the first of the two hops alone;",
+    "attributes": "a quarter of the naming mix, with attributes of one object among several weighted to half "
+                  "of the questions and `binding` kept, for a base that has the first hop (then both hops).",
 }
 TARGETS = {"existence": 0.95, "attribute": 0.95, "naming_example": 0.9, "naming_notch": 0.8, "twin_hidden": 0.8}
 
@@ -452,8 +455,7 @@ of {result['batch']} questions (one scene each), all weights trained. Losses: ea
 cross-entropy; per-patch heads on the vision tower (shape, colour, pattern, notch or empty of each cell);
 image tokens pulled towards their cell's word embeddings plus the notch's hidden row; linear readouts of
 every attribute, notch included, from the language model's middle layer at image tokens and at each
-definition's last latent row. The curricula (`--gated`): `base`, {CURRICULUM_TEXT['base']} `notch`,
-{CURRICULUM_TEXT['notch']} `soft`, {CURRICULUM_TEXT['soft']} `naming`, {CURRICULUM_TEXT['naming']}{' Stages of the last run: ' + stages + '.' if stages else ''}
+definition's last latent row. The curricula (`--gated`): {" ".join(f"`{k}`, {v}" for k, v in CURRICULUM_TEXT.items())}{' Stages of the last run: ' + stages + '.' if stages else ''}
 `pretrain-extras.safetensors` holds what only the probes use (placeholder-name rows, the heads, the hidden rows).
 
 ## Held-out accuracy of the base (before any personalization)
@@ -496,8 +498,8 @@ def main(argv=None) -> int:
     ap.add_argument("--curriculum", default="base", choices=sorted(CURRICULA),
                     help="with --gated: base (from random weights), notch (the notch stages, then the full mix), "
                          "soft (the full mix only, to continue a base that passed the notch stages), "
-                         "naming (the soft mix, naming by example weighted up), attributes (the naming mix, attributes of "
-                         "one object among several weighted up)")
+                         "naming (the soft mix, naming by example weighted up), binding (the naming mix with one-hop "
+                         "binding added), attributes (attributes among several objects weighted to half)")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--probe-n", type=int, default=400)
     args = ap.parse_args(argv)

@@ -169,6 +169,26 @@ def test_new_tasks_answer_truthfully():
             assert any(tasks.in_words(x) == tasks.in_words(target) for x in t.scene.objects())
 
 
+def test_binding_names_every_object_once_by_its_key_in_a_random_order():
+    """`circle red, square blue.`: every object of the scene once, keyed by an attribute no other
+    object shares, paired with its own asked attribute; the order is not the cells' (else the
+    position would stand in for the key)."""
+    rng = random.Random(3)
+    in_cell_order = 0
+    for _ in range(300):
+        t = tasks.binding(rng)
+        asked = t.messages[0].text.split()[2]
+        key = tasks.BINDING_KEY[asked]
+        objs = t.scene.objects()
+        pairs = [p.split() for p in t.messages[1].text.rstrip(".").split(", ")]
+        assert sorted(k for k, _ in pairs) == sorted(getattr(o, key) for o in objs)  # each once, keys unique
+        assert len({k for k, _ in pairs}) == len(objs) >= 2
+        by_key = {getattr(o, key): getattr(o, asked) for o in objs}
+        assert all(by_key[k] == v for k, v in pairs)
+        in_cell_order += [k for k, _ in pairs] == [getattr(o, key) for o in objs]
+    assert in_cell_order < 150
+
+
 # ---------------------------------------------------------------- the shipped model
 
 
