@@ -44,7 +44,8 @@ class RecipeConfig:
     max_answer_tokens: int = 48  # length of the base model's attribute answers
     seed: int = 0
     # where the k latent rows start: "mean" (near the mean base row, the paper's), or "photos"
-    # (the image tokens that recur across the subject's training photos: the subject itself)
+    # (the image tokens that recur across the subject's training photos: the subject itself; one row per
+    # photo, rows past the number of photos start near the mean row)
     init: Literal["mean", "photos"] = "mean"
 
     def __post_init__(self) -> None:
