@@ -8,6 +8,7 @@ to the caller.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -45,18 +46,26 @@ class SubjectSpec:
 
 def ask_attributes(generator: Generator, photos: Sequence[Image.Image], config: RecipeConfig
                    ) -> list[tuple[str, str]]:
-    """The base model's answers to attribute questions, each while seeing a training photo.
+    """The base model's answers to attribute questions, each while seeing training photos.
 
-    Returns (question template with `{c}`, answer) pairs for text-only training.
+    Question i is asked about `attribute_votes` photos, starting at photo i (mod the count), and
+    the most common answer is kept; ties go to the first photo asked, so one vote is the paper's
+    one look. Returns (question template with `{c}`, answer) pairs for text-only training.
     """
     qs = templates.ATTRIBUTE_QUESTIONS[:config.attribute_questions]
     if not qs:
         return []
+    votes = min(config.attribute_votes, len(photos))
     params = SamplingParams(max_new_tokens=config.max_answer_tokens, stop=("\n",))
-    reqs = [GenerationRequest([Message("user", seen, images=1)], [], [photos[i % len(photos)]], params)
-            for i, (seen, _) in enumerate(qs)]
-    answers = generator.generate(reqs)
-    return [(blind, a.text.strip()) for (_, blind), a in zip(qs, answers) if a.text.strip()]
+    reqs = [GenerationRequest([Message("user", seen, images=1)], [], [photos[(i + j) % len(photos)]], params)
+            for i, (seen, _) in enumerate(qs) for j in range(votes)]
+    texts = [a.text.strip() for a in generator.generate(reqs)]
+    out = []
+    for i, (_, blind) in enumerate(qs):
+        answers = [t for t in texts[i * votes:(i + 1) * votes] if t]
+        if answers:  # Counter keeps first-seen order among equal counts
+            out.append((blind, Counter(answers).most_common(1)[0][0]))
+    return out
 
 
 def choose_negatives(spec: SubjectSpec, pool: NegativePool, own: np.ndarray | None,

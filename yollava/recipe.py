@@ -33,6 +33,9 @@ class RecipeConfig:
     easy_negatives: int = 100  # random pool photos, answered "no"
     positive_questions: int = 3  # phrasings asked per training photo (and per flip)
     attribute_questions: int = 10  # text-only questions answered by the base model
+    # photos each attribute question is asked about; the most common answer is kept (ties: the first
+    # photo asked). 1 is the paper's one look; more outvotes answers about other objects in the photo
+    attribute_votes: int = 1
     flip: bool = True  # horizontal-flip augmentation of positives
     near_duplicate: float = 0.95  # cosine at or above which a pool photo counts as the subject's own
     epochs: int = 15
@@ -49,7 +52,7 @@ class RecipeConfig:
     init: Literal["mean", "photos"] = "mean"
 
     def __post_init__(self) -> None:
-        for name in ("num_latent", "epochs", "batch_size", "positive_questions"):
+        for name in ("num_latent", "epochs", "batch_size", "positive_questions", "attribute_votes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("hard_negatives", "easy_negatives", "attribute_questions"):
