@@ -154,6 +154,28 @@ def test_recurring_tokens_find_what_every_photo_shares():
     assert torch.equal(out, feats[torch.arange(4), torch.tensor(where)])
 
 
+def test_recurring_tokens_pass_over_what_photos_without_the_subject_share_too():
+    """An empty cell's token is the same in every photo, as the subject's own is: it recurs just as
+    well (cosine 1.0) and, at a lower index, won the tie; set against photos without the subject
+    (its negatives), only the subject's token stands out."""
+    from yollava.trainer import recurring_tokens
+
+    g = torch.Generator().manual_seed(1)
+    subject, empty = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    feats = torch.randn(5, 6, 8, generator=g)  # (P, n_img, d)
+    where = [4, 3, 5, 2, 4]
+    for p, i in enumerate(where):
+        feats[p, 0] = empty  # every photo has an empty cell, always first
+        feats[p, i] = subject
+    assert torch.equal(recurring_tokens(feats), feats[:, 0])  # the tie, without a background
+    background = torch.randn(7, 6, 8, generator=g)
+    background[:, 1] = empty  # photos without the subject have empty cells as well
+    for chunk in (1, 3, 16):
+        out = recurring_tokens(feats, background, chunk=chunk)
+        assert torch.equal(out, feats[torch.arange(5), torch.tensor(where)]), chunk
+    assert torch.equal(recurring_tokens(feats, background[:0]), feats[:, 0])  # no negatives: as before
+
+
 def test_photos_init_starts_latents_at_the_subjects_tokens(tiny, cfg):
     from dataclasses import replace
 
@@ -165,7 +187,10 @@ def test_photos_init_starts_latents_at_the_subjects_tokens(tiny, cfg):
     tr = trainer(tiny, cfg)
     latents = tr._initial_latents(ts)
     refs = list(dict.fromkeys(s.photo.key for s in ts.train + ts.holdout if s.kind == "positive"))
-    want = recurring_tokens(tr.features.get([PhotoRef(k) for k in refs]).float())
+    negatives = list(dict.fromkeys(s.photo.key for s in ts.train + ts.holdout if s.kind == "negative"))
+    want = recurring_tokens(tr.features.get([PhotoRef(k) for k in refs]).float(),
+                            tr.features.get([PhotoRef(k) for k in negatives]).float())
+    assert negatives  # set against the subject's negatives
     assert len(refs) == 3 and torch.equal(latents, want)  # one row per photo, none repeated
     bank, plain = ConceptBank(tiny), ConceptBank(tiny)
     bank.add("bo", 5, latents=latents)

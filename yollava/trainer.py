@@ -276,8 +276,8 @@ class PackedTrainer:
         return best
 
     def _initial_latents(self, ts: TrainingSet) -> Tensor | None:
-        """recipe.init == "photos": the subject's recurring image tokens, one per training photo, for the
-        first min(k, photos) rows; rows past the photos keep the mean-row start (repeating a photo's
+        """recipe.init == "photos": the subject's recurring image tokens (set against its negatives'
+        photos), one per training photo, for the first min(k, photos) rows; rows past the photos keep the mean-row start (repeating a photo's
         token made two rows start identical: at k 16 with 8 photos, dev subjects 0.76 / 0.82 weighted
         against 0.84 / 0.85 with the rest at the mean row)."""
         if self.config.init != "photos":
@@ -286,7 +286,10 @@ class PackedTrainer:
                                   if s.kind == "positive" and s.photo is not None))
         if not refs:
             raise ValueError(f"init='photos' needs training photos; subject {ts.subject!r} has none")
-        tokens = recurring_tokens(self.features.get(refs).float())  # (P, d)
+        negatives = list(dict.fromkeys(PhotoRef(s.photo.key) for s in ts.train + ts.holdout
+                                       if s.kind == "negative" and s.photo is not None))
+        background = self.features.get(negatives).float() if negatives else None  # (B, n_img, d)
+        tokens = recurring_tokens(self.features.get(refs).float(), background)  # (P, d)
         return tokens[:self.config.num_latent]  # (min(k, P), d)
 
     def _item(self, s: Sample) -> _Item:
@@ -335,20 +338,30 @@ class PackedTrainer:
         return out
 
 
-def recurring_tokens(features: Tensor) -> Tensor:
-    """The image token of each photo that recurs across the others: (P, n_img, d) -> (P, d).
+def recurring_tokens(features: Tensor, background: Tensor | None = None, chunk: int = 16) -> Tensor:
+    """The image token of each photo that recurs across the others and not in photos without the
+    subject: (P, n_img, d), background (B, n_img, d) -> (P, d).
 
-    A subject appears in every training photo, its surroundings change: the token
-    whose best match in each other photo is closest (mean over photos of the max
-    cosine) is the subject's. With one photo, its mean token.
+    A subject appears in every training photo, its surroundings change: score token i of photo p by
+    its best match in each other photo (mean over photos of the max cosine), less its best match in
+    each background photo. Without the second term, whatever every photo shows wins as well: an
+    empty cell's token is the same in all of them (cosine 1.0, as the subject's own), and the tie went
+    to the lower index; on the miniature base four of the six sample subjects started at empty
+    cells. With one photo, its mean token.
     """
     P = features.shape[0]
     if P == 1:
         return features.mean(1)
     unit = torch.nn.functional.normalize(features, dim=-1)  # (P, n, d)
     sims = torch.einsum("pid,qjd->pqij", unit, unit).amax(-1)  # (P, P, n): best match of p's token i in q
-    sims = sims.masked_fill(torch.eye(P, dtype=torch.bool).unsqueeze(-1), 0).sum(1) / (P - 1)  # (P, n)
-    best = sims.argmax(-1)  # (P,)
+    score = sims.masked_fill(torch.eye(P, dtype=torch.bool).unsqueeze(-1), 0).sum(1) / (P - 1)  # (P, n)
+    if background is not None and len(background):
+        bg = torch.nn.functional.normalize(background.to(unit.dtype), dim=-1)  # (B, n', d)
+        seen = torch.zeros_like(score)
+        for b in bg.split(chunk):  # (c, n', d): bounds the (P, c, n, n') similarities
+            seen += torch.einsum("pid,bjd->pbij", unit, b).amax(-1).sum(1)
+        score = score - seen / len(bg)
+    best = score.argmax(-1)  # (P,)
     return features[torch.arange(P), best]
 
 
