@@ -344,10 +344,10 @@ def recurring_tokens(features: Tensor, background: Tensor | None = None, chunk: 
 
     A subject appears in every training photo, its surroundings change: score token i of photo p by
     its best match in each other photo (mean over photos of the max cosine), less its best match in
-    each background photo. Without the second term, whatever every photo shows wins as well: an
-    empty cell's token is the same in all of them (cosine 1.0, as the subject's own), and the tie went
-    to the lower index; on the miniature base four of the six sample subjects started at empty
-    cells. With one photo, its mean token.
+    each background photo. Without the second term, whatever every photo shows scores as well: an
+    empty cell's token is the same in all of them (cosine 1.0, as the subject's own), and the tie
+    went by rounding or index; on the miniature bases 24 (stage 4) and 31 (the binding base) of the
+    six sample subjects' 48 rows started at another cell. With one photo, its mean token.
     """
     P = features.shape[0]
     if P == 1:
