@@ -256,12 +256,13 @@ def test_personalizing_a_sample_subject_beats_vanilla():
     concept = ev.recognition(ev.prompting("concept", name), name)
     words = ev.recognition(ev.prompting("description", name), name)
     weighted, twin = concept["likelihood"]["weighted_accuracy"], concept["negative_by_kind"]["hard"]
-    # measured on the shipped base (stage 4; make reproduce, seeds 0/1): zola 0.97/0.99 weighted, twin
-    # rejected 1.0/1.0; this test's run 0.967, twin 1.0; the bare name 0.52; its description rejects
-    # the twin 0.0 (on stage 3: 0.83 weighted, twin 0.6)
+    # measured on the shipped base (stage 4) since rows start at the subject's own cell (ADR 004 §15;
+    # make reproduce, seeds 0/1): zola 0.98/0.94 weighted, twin rejected 1.0/1.0; this test's run
+    # 0.983, twin 1.0, generated answers 0.983 weighted; the bare name 0.52; its description rejects
+    # the twin 0.0. Before the fix: 0.967 here; on stage 3: 0.83 weighted, twin 0.6
     print(f"zola: concept {weighted:.3f} (twin {twin:.2f}), vanilla {vanilla:.3f}, "
           f"description twin {words['negative_by_kind']['hard']:.2f}")
-    assert weighted >= 0.9 and weighted >= vanilla + 0.35, (weighted, vanilla)
+    assert weighted >= 0.93 and weighted >= vanilla + 0.4, (weighted, vanilla)
     assert twin >= 0.9 and twin >= words["negative_by_kind"]["hard"] + 0.7, (twin, words["negative_by_kind"])
     # generation: the concept's output row learned to say the name (with one learning rate for all
     # rows the kept epoch's answers were "yes, that is i no, that is not no, ...")
@@ -274,7 +275,7 @@ def test_personalizing_a_sample_subject_beats_vanilla():
     ev.generate = True  # every test photo answered in words, as `miniworld.dev --generate` reports
     generated = ev.recognition(ev.prompting("concept", name), name)["generated"]
     print(generated)
-    assert generated["names_said"] >= 0.9 and generated["weighted_accuracy"] >= 0.8, generated
+    assert generated["names_said"] >= 0.9 and generated["weighted_accuracy"] >= 0.9, generated
 
 
 @pytest.mark.slow
