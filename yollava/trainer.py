@@ -277,17 +277,19 @@ class PackedTrainer:
 
     def _initial_latents(self, ts: TrainingSet) -> Tensor | None:
         """recipe.init == "photos": the subject's recurring image tokens (set against its negatives'
-        photos), one per training photo, for the first min(k, photos) rows; rows past the photos keep the mean-row start (repeating a photo's
-        token made two rows start identical: at k 16 with 8 photos, dev subjects 0.76 / 0.82 weighted
-        against 0.84 / 0.85 with the rest at the mean row)."""
+        photos), one per training photo, for the first min(k, photos) rows; rows past the photos keep
+        the mean-row start (repeating a photo's token made two rows start identical: at k 16 with 8
+        photos, dev subjects 0.76 / 0.82 weighted against 0.84 / 0.85 with the rest at the mean row)."""
         if self.config.init != "photos":
             return None
-        refs = list(dict.fromkeys(PhotoRef(s.photo.key) for s in ts.train + ts.holdout
-                                  if s.kind == "positive" and s.photo is not None))
+
+        def photos(kind: str) -> list[PhotoRef]:  # each photo once, in order, flips dropped
+            return list(dict.fromkeys(PhotoRef(s.photo.key) for s in ts.train + ts.holdout
+                                      if s.kind == kind and s.photo is not None))
+
+        refs, negatives = photos("positive"), photos("negative")
         if not refs:
             raise ValueError(f"init='photos' needs training photos; subject {ts.subject!r} has none")
-        negatives = list(dict.fromkeys(PhotoRef(s.photo.key) for s in ts.train + ts.holdout
-                                       if s.kind == "negative" and s.photo is not None))
         background = self.features.get(negatives).float() if negatives else None  # (B, n_img, d)
         tokens = recurring_tokens(self.features.get(refs).float(), background)  # (P, d)
         return tokens[:self.config.num_latent]  # (min(k, P), d)
