@@ -2,6 +2,7 @@
 
     python -m miniworld.dev [--model mini|DIR] [--subject-seeds 7] [--seeds 0]
         [--methods yollava,k4] [--baselines] [--generate] [--set lr=0.01 --set epochs=20]
+        [--pool 3000] [--lookalikes]
 
 The committed sample subjects (seed 2024) are for the final table only; every
 choice of base, recipe or initialisation is made here, on subjects generated
@@ -10,6 +11,12 @@ per (subject seed, method): positive / twin / easy / weighted accuracy and the
 AUC of the yes-no margin against each kind of negative; with --generate also the
 weighted accuracy of generated answers and the share of answers about the
 subject's photos that say `<name>`.
+
+Diagnostics of hard negatives: `--pool N` generates the development subjects
+with N pool scenes instead of the committed 300 (the subjects' own photos are
+the same); `--lookalikes` takes as hard negatives the pool scenes that hold the
+subject's object with another notch, read from the world rather than mined —
+what an ideal miner would find — topped up by mining.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from miniworld.reproduce import MINI_RECIPE, reproduce, variants
-from miniworld.subjects import generate
+from miniworld.subjects import POOL, generate, lookalikes, scenes
 from yollava.backbone import load_backbone
 from yollava.recipe import RecipeConfig
 
@@ -40,11 +47,17 @@ def override(recipe: RecipeConfig, assignments: list[str]) -> RecipeConfig:
     return replace(recipe, **changes)
 
 
-def dev_subjects(seed: int, root: Path) -> Path:
-    out = root / f"seed{seed}"
+def dev_subjects(seed: int, root: Path, pool: int = POOL) -> Path:
+    out = root / (f"seed{seed}" if pool == POOL else f"seed{seed}-pool{pool}")
     if not (out / "subjects.json").is_file():
-        generate(out, seed)
+        generate(out, seed, pool)
     return out
+
+
+def world_lookalikes(seed: int, pool: int, data: Path) -> dict[str, list[str]]:
+    """Subject -> the pool images (paths under `data`) holding its object with another notch."""
+    subjects, all_scenes = scenes(seed, pool)
+    return {s.name: [str(data / p) for p in lookalikes(s, all_scenes)] for s in subjects}
 
 
 def main(argv=None) -> int:
@@ -57,11 +70,16 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="recipe override")
     ap.add_argument("--generate", action="store_true", help="also generated answers: yes/no parsed "
                     "(gen_weighted) and the share about positives that say the name (names_said)")
+    ap.add_argument("--pool", type=int, default=POOL, help="pool scenes of the development subjects")
+    ap.add_argument("--lookalikes", action="store_true", help="hard negatives: the pool scenes holding the "
+                    "subject's object with another notch (from the world, not mined), topped up by mining")
     ap.add_argument("--out", default="runs/dev")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if 2024 in [int(s) for s in args.subject_seeds.split(",")]:
         ap.error("--subject-seeds: 2024 is the committed sample subjects' seed; develop on others")
+    if args.pool < 1:
+        ap.error(f"--pool {args.pool}: need at least one pool scene")
     recipe = override(MINI_RECIPE, args.set)
     every = variants([1, 4, 16], recipe)
     methods = [m for m in args.methods.split(",") if m]
@@ -70,10 +88,11 @@ def main(argv=None) -> int:
         ap.error(f"--methods: unknown {unknown}; choose from {sorted(every)}")
     backbone = load_backbone(args.model)
     for subject_seed in [int(s) for s in args.subject_seeds.split(",")]:
-        data = dev_subjects(subject_seed, Path(args.out).parent / "dev-subjects")
+        data = dev_subjects(subject_seed, Path(args.out).parent / "dev-subjects", args.pool)
+        alike = world_lookalikes(subject_seed, args.pool, data) if args.lookalikes else None
         report = reproduce(backbone, data, Path(args.out) / f"subjects{subject_seed}",
                            [int(s) for s in args.seeds.split(",")], [], {m: every[m] for m in methods},
-                           progress=False, baselines=args.baselines, generate=args.generate)
+                           progress=False, baselines=args.baselines, generate=args.generate, lookalikes=alike)
         for method, agg in report["summary"].items():
             print(json.dumps({"subjects": subject_seed, "method": method,
                               **{f: round(agg[f], 3) for f in FIGURES if f in agg}}), flush=True)

@@ -136,14 +136,17 @@ def plot(agg: dict[str, dict], path: Path) -> None:
 
 def reproduce(backbone: Backbone, data: Path, out: Path, seeds: list[int], ks: list[int],
               recipes: dict[str, RecipeConfig] | None = None, progress: bool = True,
-              baselines: bool = True, generate: bool = False) -> dict:
+              baselines: bool = True, generate: bool = False,
+              lookalikes: dict[str, list[str]] | None = None) -> dict:
     """`generate`: trained concepts also answer each test photo in generated text (yes/no parsed,
-    and whether answers about positives say the name)."""
+    and whether answers about positives say the name). `lookalikes`: subject -> image keys taken as
+    its hard negatives before any mined one (a diagnostic of what hard negatives can teach)."""
     meta = load_meta(data)
     dataset = YollavaDataset.load(data)
     descriptions = {s["name"]: s["description"] + "." for s in meta["subjects"]}
     owners = {s["name"]: s["owner"] for s in meta["subjects"]}
-    specs = [SubjectSpec(name, [str(p) for p in s.train_images], owner=owners[name])
+    specs = [SubjectSpec(name, [str(p) for p in s.train_images], owner=owners[name],
+                         hard_negatives=tuple((lookalikes or {}).get(name, ())))
              for name, s in dataset.subjects.items()]
     pool = build_pool(str(data / "pool"), backbone, "vision-tower")
     runs: dict[str, list] = {}

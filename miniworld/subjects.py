@@ -92,24 +92,49 @@ def _qa(s: SampleSubject, rng: random.Random) -> dict[str, dict]:
     return out
 
 
-def generate(out: Path, seed: int = SEED) -> list[SampleSubject]:
+def _draw(seed: int, pool: int) -> tuple[list[SampleSubject], dict[str, world.Scene], dict[str, dict]]:
+    """Subjects, scenes by file path, questions: all from one seeded generator, in a fixed order."""
     subjects = sample_subjects(seed)
     rng = random.Random(seed + 1)
     banned = {s.obj for s in subjects} | {s.twin for s in subjects}
     others = tuple(o for o in world.ALL_OBJECTS if o not in banned)
-    files: dict[str, bytes] = {}
+    out: dict[str, world.Scene] = {}
+
+    def draw(folder: str, must: list[Obj], n: int) -> None:
+        for i in range(n):
+            out[f"{folder}/{i:03d}.png" if folder == "pool" else f"{folder}/{i}.png"] = world.random_scene(
+                rng, must=must, n_objects=(1, 3), pool=others)
+
     for s in subjects:
-        def scenes(must: Obj, n: int) -> list[world.Scene]:
-            return [world.random_scene(rng, must=[must], n_objects=(1, 3), pool=others) for _ in range(n)]
-        for i, sc in enumerate(scenes(s.obj, TRAIN)):
-            files[f"train/{s.name}/{i}.png"] = _png(sc)
-        for i, sc in enumerate(scenes(s.obj, TEST)):
-            files[f"test/{s.name}/{i}.png"] = _png(sc)
-        for i, sc in enumerate(scenes(s.twin, HARD)):
-            files[f"test/{s.name}/negatives/hard/{i}.png"] = _png(sc)
-    for i in range(POOL):
-        files[f"pool/{i:03d}.png"] = _png(world.random_scene(rng, n_objects=(1, 3), pool=others))
+        draw(f"train/{s.name}", [s.obj], TRAIN)
+        draw(f"test/{s.name}", [s.obj], TEST)
+        draw(f"test/{s.name}/negatives/hard", [s.twin], HARD)
+    draw("pool", [], pool)
     qa = {s.name: _qa(s, rng) for s in subjects}
+    return subjects, out, qa
+
+
+def scenes(seed: int = SEED, pool: int = POOL) -> tuple[list[SampleSubject], dict[str, world.Scene]]:
+    """The subjects, and every scene of the dataset by its file path (`train/pip/0.png`, `pool/007.png`).
+
+    A larger `pool` keeps every train / test scene and the smaller pool's scenes as its first ones.
+    """
+    subjects, out, _ = _draw(seed, pool)
+    return subjects, out
+
+
+def lookalikes(subject: SampleSubject, all_scenes: dict[str, world.Scene]) -> list[str]:
+    """Pool scenes (paths, sorted) holding the subject's object with another notch — never the
+    twin's notch, which no distractor has: what an ideal hard-negative miner would return."""
+    key = (subject.obj.shape, subject.obj.colour, subject.obj.pattern)
+    return sorted(p for p, sc in all_scenes.items()
+                  if p.startswith("pool/") and any((o.shape, o.colour, o.pattern) == key for o in sc.objects()))
+
+
+def generate(out: Path, seed: int = SEED, pool: int = POOL) -> list[SampleSubject]:
+    """Write the dataset (`pool` scenes for negatives; the committed subjects use POOL)."""
+    subjects, all_scenes, qa = _draw(seed, pool)
+    files = {rel: _png(sc) for rel, sc in all_scenes.items()}
     meta = {"seed": seed, "subjects": [{"owner": s.owner, "name": s.name, "description": s.description,
                                         "object": vars(s.obj), "twin_notch": s.twin.notch} for s in subjects]}
     files["yollava-visual-qa.json"] = (json.dumps(qa, indent=1, sort_keys=True) + "\n").encode()

@@ -315,6 +315,32 @@ def test_the_mini_recipe_has_one_source(tmp_path):
     assert load_request(str(example)).recipe_config() == MINI_RECIPE
 
 
+def test_a_larger_pool_keeps_the_subjects_and_lookalikes_are_the_other_notches(tmp_path):
+    from miniworld import dev
+    from miniworld.subjects import POOL, lookalikes, scenes
+
+    subjects, small = scenes(7)
+    same, big = scenes(7, POOL + 200)
+    assert same == subjects and len(big) == len(small) + 200
+    assert all(big[p] == sc for p, sc in small.items())  # train, test and the first pool scenes unchanged
+    for s in subjects:
+        alike = lookalikes(s, big)
+        assert alike == sorted(alike) and set(alike) >= set(lookalikes(s, small))
+        for p in alike:
+            held = [o for o in big[p].objects() if (o.shape, o.colour, o.pattern) == (s.obj.shape, s.obj.colour,
+                                                                                      s.obj.pattern)]
+            assert p.startswith("pool/") and held and all(o.notch not in (s.obj.notch, s.twin.notch) for o in held)
+        missed = [p for p in big if p.startswith("pool/") and p not in alike
+                  and world.Obj(s.obj.shape, s.obj.colour, s.obj.pattern, (s.obj.notch + 2) % 4) in big[p].objects()]
+        assert missed == []
+    data = dev.dev_subjects(7, tmp_path, pool=12)
+    assert data.name == "seed7-pool12" and len(list((data / "pool").glob("*.png"))) == 12
+    got = dev.world_lookalikes(7, 12, data)
+    assert all(p.startswith(str(data / "pool")) and Path(p).is_file() for v in got.values() for p in v)
+    with pytest.raises(SystemExit):
+        dev.main(["--pool", "0"])
+
+
 def test_dev_script_refuses_the_sample_subjects_and_types_overrides():
     from miniworld import dev
     from miniworld.reproduce import MINI_RECIPE

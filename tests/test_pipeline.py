@@ -67,3 +67,46 @@ def test_empty_answers_do_not_vote():
 def test_votes_below_one_are_refused(votes):
     with pytest.raises(ValueError, match=f"attribute_votes={votes}"):
         replace(RecipeConfig(), attribute_votes=votes)
+
+
+# ---------------------------------------------------------------- negatives
+
+
+def _pool_on_a_line():
+    """Pool images at cosines 0.9, 0.8, ..., 0.1 to the one positive (ids p9 .. p1), and its index."""
+    import numpy as np
+
+    from yollava.mining import PoolIndex
+    from yollava.pool import NegativePool
+
+    cos = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    ids = [f"p{round(c * 10)}" for c in cos]
+    emb = np.array([[c, (1 - c * c) ** 0.5] for c in cos], dtype=np.float32)
+    return NegativePool(ids, PoolIndex.build(emb, ids)), np.array([[1.0, 0.0]], dtype=np.float32)
+
+
+def test_known_lookalikes_come_first_and_mining_tops_up():
+    from yollava.pipeline import SubjectSpec, choose_negatives
+
+    pool, own = _pool_on_a_line()
+    cfg = RecipeConfig(hard_negatives=4, easy_negatives=3)
+    spec = SubjectSpec("bo", ["me.png"], hard_negatives=("p2", "p1", "p2"))
+    hard, easy = choose_negatives(spec, pool, own, cfg)
+    assert hard == ["p2", "p1", "p9", "p8"]  # given (deduplicated, in order), then the nearest others
+    assert len(easy) == 3 and not set(easy) & set(hard)
+    # no known look-alikes: mining alone, as before
+    assert choose_negatives(SubjectSpec("bo", ["me.png"]), pool, own, cfg)[0] == ["p9", "p8", "p7", "p6"]
+    # more look-alikes than asked: the first ones, no mining
+    many = SubjectSpec("bo", ["me.png"], hard_negatives=("p1", "p2", "p3", "p4", "p5"))
+    assert choose_negatives(many, pool, own, cfg)[0] == ["p1", "p2", "p3", "p4"]
+    # no hard negatives asked (the ablation): none; a look-alike may be drawn as easy like any pool image
+    none, easy0 = choose_negatives(spec, pool, own, replace(cfg, hard_negatives=0, easy_negatives=9))
+    assert none == [] and sorted(easy0) == sorted(pool.ids)
+
+
+def test_a_subject_cannot_name_its_own_photo_a_hard_negative():
+    from yollava.pipeline import SubjectSpec
+
+    with pytest.raises(ValueError, match=r"bo.*hard_negatives.*'me.png'"):
+        SubjectSpec("bo", ["me.png", "me2.png"], hard_negatives=["p1", "me.png"])
+    assert SubjectSpec("bo", ["me.png"], hard_negatives=["p1"]).hard_negatives == ("p1",)

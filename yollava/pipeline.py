@@ -36,12 +36,17 @@ class SubjectSpec:
     photos: list[str]  # image keys the loader understands
     owner: str = "local"
     description: str | None = None
+    hard_negatives: tuple[str, ...] = ()  # known look-alikes (image keys): used before mined ones
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
         check_name(self.owner, "owner")
         if not self.photos:
             raise ValueError(f"subject {self.owner}/{self.name} has no photos")
+        own = set(self.photos).intersection(self.hard_negatives)
+        if own:
+            raise ValueError(f"subject {self.owner}/{self.name}: hard_negatives holds its own photos {sorted(own)}")
+        self.hard_negatives = tuple(self.hard_negatives)
 
 
 def ask_attributes(generator: Generator, photos: Sequence[Image.Image], config: RecipeConfig
@@ -70,12 +75,14 @@ def ask_attributes(generator: Generator, photos: Sequence[Image.Image], config: 
 
 def choose_negatives(spec: SubjectSpec, pool: NegativePool, own: np.ndarray | None,
                      config: RecipeConfig) -> tuple[list[str], list[str]]:
-    """(hard, easy) negative ids: nearest non-duplicates by embedding, then random others."""
+    """(hard, easy) negative ids: the subject's known look-alikes, then the nearest non-duplicates
+    by embedding up to `config.hard_negatives`, then random others."""
     exclude = set(spec.photos)
-    hard: list[str] = []
-    if pool.index is not None and own is not None and config.hard_negatives:
-        hard = [i for i, _ in mine_hard_negatives(pool.index, own, config.hard_negatives,
-                                                  config.near_duplicate, exclude)]
+    hard = list(dict.fromkeys(spec.hard_negatives))[:config.hard_negatives]
+    wanted = config.hard_negatives - len(hard)
+    if pool.index is not None and own is not None and wanted > 0:
+        hard += [i for i, _ in mine_hard_negatives(pool.index, own, wanted, config.near_duplicate,
+                                                   exclude | set(hard))]
     easy = easy_negatives(pool.ids, config.easy_negatives, exclude | set(hard), seed=config.seed)
     return hard, easy
 
