@@ -2,7 +2,7 @@
 
     python -m miniworld.dev [--model mini|DIR] [--subject-seeds 7] [--seeds 0]
         [--methods yollava,k4] [--baselines] [--generate] [--set lr=0.01 --set epochs=20]
-        [--pool 3000] [--lookalikes]
+        [--pool 3000] [--lookalikes] [--count-mined]
 
 The committed sample subjects (seed 2024) are for the final table only; every
 choice of base, recipe or initialisation is made here, on subjects generated
@@ -16,7 +16,9 @@ Diagnostics of hard negatives: `--pool N` generates the development subjects
 with N pool scenes instead of the committed 300 (the subjects' own photos are
 the same); `--lookalikes` takes as hard negatives the pool scenes that hold the
 subject's object with another notch, read from the world rather than mined —
-what an ideal miner would find — topped up by mining.
+what an ideal miner would find — topped up by mining. `--count-mined` trains
+nothing: per subject, how many of its mined hard negatives are such look-alikes,
+of how many mined, of how many in the pool.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from pathlib import Path
 
 from miniworld.reproduce import MINI_RECIPE, reproduce, variants
 from miniworld.subjects import POOL, generate, lookalikes, scenes
-from yollava.backbone import load_backbone
+from yollava.backbone import Backbone, load_backbone
+from yollava.data import YollavaDataset, load_image
+from yollava.pipeline import SubjectSpec, choose_negatives
+from yollava.pool import build_pool
 from yollava.recipe import RecipeConfig
 
 FIGURES = ("pos", "neg_hard", "neg_easy", "weighted", "auc_hard", "auc_easy", "text_qa", "gen_weighted", "names_said")
@@ -60,6 +65,21 @@ def world_lookalikes(seed: int, pool: int, data: Path) -> dict[str, list[str]]:
     return {s.name: [str(data / p) for p in lookalikes(s, all_scenes)] for s in subjects}
 
 
+def count_mined(backbone: Backbone, data: Path, seed: int, pool: int, recipe: RecipeConfig
+                ) -> dict[str, list[int]]:
+    """Subject -> [look-alikes among its mined hard negatives, mined, look-alikes in the pool]:
+    the negatives training would mine (the same call), checked against the world's labels."""
+    negatives = build_pool(str(data / "pool"), backbone, "vision-tower")
+    alike = world_lookalikes(seed, pool, data)
+    out = {}
+    for name, subject in YollavaDataset.load(data).subjects.items():
+        spec = SubjectSpec(name, [str(p) for p in subject.train_images])
+        own = negatives.encoder.embed([load_image(p) for p in spec.photos])
+        hard, _ = choose_negatives(spec, negatives, own, recipe)
+        out[name] = [len(set(hard) & set(alike[name])), len(hard), len(alike[name])]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m miniworld.dev", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mini")
@@ -73,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pool", type=int, default=POOL, help="pool scenes of the development subjects")
     ap.add_argument("--lookalikes", action="store_true", help="hard negatives: the pool scenes holding the "
                     "subject's object with another notch (from the world, not mined), topped up by mining")
+    ap.add_argument("--count-mined", action="store_true", help="train nothing; per subject: look-alikes "
+                    "among its mined hard negatives, mined, look-alikes in the pool")
     ap.add_argument("--out", default="runs/dev")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -89,6 +111,10 @@ def main(argv=None) -> int:
     backbone = load_backbone(args.model)
     for subject_seed in [int(s) for s in args.subject_seeds.split(",")]:
         data = dev_subjects(subject_seed, Path(args.out).parent / "dev-subjects", args.pool)
+        if args.count_mined:
+            print(json.dumps({"subjects": subject_seed, "mined_lookalikes":
+                              count_mined(backbone, data, subject_seed, args.pool, recipe)}), flush=True)
+            continue
         alike = world_lookalikes(subject_seed, args.pool, data) if args.lookalikes else None
         report = reproduce(backbone, data, Path(args.out) / f"subjects{subject_seed}",
                            [int(s) for s in args.seeds.split(",")], [], {m: every[m] for m in methods},

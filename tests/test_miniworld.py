@@ -341,6 +341,23 @@ def test_a_larger_pool_keeps_the_subjects_and_lookalikes_are_the_other_notches(t
         dev.main(["--pool", "0"])
 
 
+def test_count_mined_checks_the_mined_negatives_against_the_world(tmp_path):
+    """Mining the whole pool finds every look-alike; mining fewer finds at most that many."""
+    from dataclasses import replace
+
+    from miniworld import dev
+    from miniworld.reproduce import MINI_RECIPE
+
+    backbone = load_backbone("mini")
+    data = dev.dev_subjects(7, tmp_path, pool=40)
+    exist = {n: len(v) for n, v in dev.world_lookalikes(7, 40, data).items()}
+    assert sum(exist.values()) > 0
+    every = dev.count_mined(backbone, data, 7, 40, replace(MINI_RECIPE, hard_negatives=40))
+    assert every == {n: [e, 40, e] for n, e in exist.items()}
+    some = dev.count_mined(backbone, data, 7, 40, replace(MINI_RECIPE, hard_negatives=5))
+    assert all(n == 5 and k <= min(5, e) and e == exist[name] for name, (k, n, e) in some.items())
+
+
 def test_dev_script_refuses_the_sample_subjects_and_types_overrides():
     from miniworld import dev
     from miniworld.reproduce import MINI_RECIPE
