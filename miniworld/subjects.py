@@ -117,7 +117,8 @@ def _draw(seed: int, pool: int) -> tuple[list[SampleSubject], dict[str, world.Sc
 def scenes(seed: int = SEED, pool: int = POOL) -> tuple[list[SampleSubject], dict[str, world.Scene]]:
     """The subjects, and every scene of the dataset by its file path (`train/pip/0.png`, `pool/007.png`).
 
-    A larger `pool` keeps every train / test scene and the smaller pool's scenes as its first ones.
+    A larger `pool` keeps every train / test scene and the smaller pool's scenes as its first ones
+    (the questions are drawn after the pool, so their wrong options differ with `pool`).
     """
     subjects, out, _ = _draw(seed, pool)
     return subjects, out
