@@ -33,7 +33,7 @@ from miniworld.reproduce import MINI_RECIPE, reproduce, variants
 from miniworld.subjects import POOL, generate, lookalikes, scenes
 from yollava.backbone import Backbone, load_backbone
 from yollava.data import YollavaDataset, load_image
-from yollava.pipeline import SubjectSpec, choose_negatives
+from yollava.pipeline import SubjectSpec, negatives_for
 from yollava.pool import build_pool
 from yollava.recipe import RecipeConfig
 
@@ -68,14 +68,13 @@ def world_lookalikes(seed: int, pool: int, data: Path) -> dict[str, list[str]]:
 def count_mined(backbone: Backbone, data: Path, seed: int, pool: int, recipe: RecipeConfig
                 ) -> dict[str, list[int]]:
     """Subject -> [look-alikes among its mined hard negatives, mined, look-alikes in the pool]:
-    the negatives training would mine (the same call), checked against the world's labels."""
+    the negatives training would mine (the same function), checked against the world's labels."""
     negatives = build_pool(str(data / "pool"), backbone, "vision-tower")
     alike = world_lookalikes(seed, pool, data)
     out = {}
     for name, subject in YollavaDataset.load(data).subjects.items():
         spec = SubjectSpec(name, [str(p) for p in subject.train_images])
-        own = negatives.encoder.embed([load_image(p) for p in spec.photos])
-        hard, _ = choose_negatives(spec, negatives, own, recipe)
+        hard, _ = negatives_for(spec, [load_image(p) for p in spec.photos], negatives, recipe)
         out[name] = [len(set(hard) & set(alike[name])), len(hard), len(alike[name])]
     return out
 

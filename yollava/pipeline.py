@@ -87,14 +87,20 @@ def choose_negatives(spec: SubjectSpec, pool: NegativePool, own: np.ndarray | No
     return hard, easy
 
 
+def negatives_for(spec: SubjectSpec, photos: Sequence[Image.Image], pool: NegativePool,
+                  config: RecipeConfig) -> tuple[list[str], list[str]]:
+    """(hard, easy) as training takes them: the photos embedded by the pool's encoder, then chosen."""
+    own = pool.encoder.embed(photos) if pool.encoder is not None and pool.index is not None else None
+    return choose_negatives(spec, pool, own, config)
+
+
 def build_sets(backbone: Backbone, subjects: Sequence[SubjectSpec], load_image: ImageLoader,
                pool: NegativePool, config: RecipeConfig) -> list[TrainingSet]:
     generator = Generator(backbone)
     sets = []
     for spec in subjects:
         photos = [load_image(p) for p in spec.photos]
-        own = pool.encoder.embed(photos) if pool.encoder is not None and pool.index is not None else None
-        hard, easy = choose_negatives(spec, pool, own, config)
+        hard, easy = negatives_for(spec, photos, pool, config)
         attrs = ask_attributes(generator, photos, config)
         sets.append(build_training_set(spec.name, spec.photos, hard, easy, attrs, config))
         log.info("subject %s/%s: %s", spec.owner, spec.name, sets[-1].counts())
